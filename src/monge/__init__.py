@@ -1,0 +1,40 @@
+"""monge: optimal transport in JAX.
+
+Layers (see docs/architecture.md): `costs` -> `geometry` -> `problems` -> `solvers`
+-> `solution`, and the front door `solve` / `solve_matrix` that builds them.
+Importing monge never changes JAX's configuration.
+"""
+
+from monge import costs, datasets, geometry, plot, problems, solution, solvers, tools
+from monge.front import solve, solve_matrix
+from monge.geometry import CostMatrix, PointCloud
+from monge.problems import LinearProblem
+from monge.solution import Solution, Status
+from monge.solvers import ImplicitAdjoint, Sinkhorn, UnrolledAdjoint
+from monge.tools import max_sliced_wasserstein, sliced_wasserstein, wasserstein_1d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "costs",
+    "datasets",
+    "plot",
+    "tools",
+    "geometry",
+    "problems",
+    "solution",
+    "solvers",
+    "solve",
+    "solve_matrix",
+    "CostMatrix",
+    "PointCloud",
+    "LinearProblem",
+    "Solution",
+    "Status",
+    "Sinkhorn",
+    "ImplicitAdjoint",
+    "UnrolledAdjoint",
+    "wasserstein_1d",
+    "sliced_wasserstein",
+    "max_sliced_wasserstein",
+]

@@ -1,0 +1,216 @@
+r"""Geometries: lazy operators over the cost matrix between two supports.
+
+A geometry knows the cost $C_{ij}$ between the points of two supports, and nothing of
+weights, epsilon or solvers. Every reduction a solver needs is written once, in
+`AbstractGeometry`, on top of a single primitive, `map_lines(fn, axis, *args)`, which
+applies a function to each line (row or column) of $C$. A `CostMatrix` does that
+with `vmap` over a stored matrix; an online `PointCloud` computes lines in blocks of
+`chunk_size` and never stores the $n \times m$ matrix (memory $O((n + m)\cdot$ chunk$)$,
+backward pass included, thanks to rematerialisation).
+
+Convention: `axis` is the axis of $C$ that is **reduced**, as in NumPy. `axis=1`
+sums over $j$ and returns one value per row $i$; `axis=0` sums over $i$.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from monge.costs import AbstractCost, SqEuclidean, as_cost
+
+__all__ = ["AbstractGeometry", "CostMatrix", "PointCloud", "ONLINE_ABOVE"]
+
+#: A point cloud with more than this many cost entries (n * m) is handled online by
+#: default: 2**25 entries is 128 MiB of float32, beyond which storing the matrix costs
+#: more memory than recomputing blocks of it costs time.
+ONLINE_ABOVE = 2**25
+
+#: Cost entries per block in online mode (rows * columns), 8 MiB of float32.
+_BLOCK_ENTRIES = 2**21
+
+
+class AbstractGeometry(eqx.Module):
+    """The cost between two supports, as an operator."""
+
+    @property
+    @abc.abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """`(n, m)`: the number of points of the two supports."""
+
+    @abc.abstractmethod
+    def cost_matrix(self) -> Float[Array, "n m"]:
+        """The dense `(n, m)` cost matrix (materialised)."""
+
+    @abc.abstractmethod
+    def precompute(self) -> AbstractGeometry:
+        """The geometry a solver iterates on: the same operator, with the cost matrix
+        stored where this geometry allows it (point clouds that are not online)."""
+
+    @abc.abstractmethod
+    def map_lines(self, fn: Callable, axis: int, *args) -> Array:
+        """`out[k] = fn(line_k, *(arg[k] for arg in args))` for every line of $C$.
+
+        With `axis=1` the lines are the rows $C_{k,:}$ (length m); with `axis=0` the
+        columns $C_{:,k}$ (length n). `args` are arrays indexed along the kept axis.
+        """
+
+    def lse(self, h: Float[Array, " l"], eps, axis: int, w=None) -> Float[Array, " k"]:
+        r"""$\log \sum_l w_l \exp((h_l - C_{kl}) / \varepsilon)$ for each $k$.
+
+        With `axis=1`, $h$ and the optional non-negative weights $w$ have length m and
+        the result length n; `axis=0` transposes. Zero weights drop their terms (with
+        finite gradients).
+        """
+        return self.map_lines(lambda c: jax.nn.logsumexp((h - c) / eps, b=w), axis)
+
+    def apply_kernel(self, h, eps, v, axis: int) -> tuple[Array, Array]:
+        r"""$\sum_l \exp((h_l - C_{kl})/\varepsilon)\, v_l$ as a pair `(log_scale, w)`.
+
+        The value is $e^{\text{log\_scale}_k} w_k$: the largest exponent of each line is
+        factored out, so the products never overflow or underflow in float32. `v` has
+        shape `(l,)` or `(l, p)`; signs are allowed.
+        """
+
+        def line(c):
+            s = (h - c) / eps
+            top = jax.lax.stop_gradient(jnp.max(s))
+            top = jnp.where(jnp.isfinite(top), top, 0.0)
+            return top, jnp.exp(s - top) @ v
+
+        return self.map_lines(line, axis)
+
+    def mean_cost(self, a: Float[Array, " n"], b: Float[Array, " m"]) -> Float[Array, ""]:
+        r"""$a^\top C b$: the cost of the independent coupling $a b^\top$ (for weights
+        summing to one, the average cost between the two supports)."""
+        return a @ self.map_lines(lambda c: c @ b, 1)
+
+
+def as_float_array(z) -> Array:
+    """`jnp.asarray(z)`, promoting integers and booleans to the default float dtype."""
+    z = jnp.asarray(z)
+    return z if jnp.issubdtype(z.dtype, jnp.inexact) else z.astype(jnp.result_type(float))
+
+
+def _check_matrix(C) -> None:
+    if getattr(C, "ndim", None) != 2:
+        raise ValueError(
+            f"A cost matrix must be 2-D, of shape (n, m); received shape "
+            f"{getattr(C, 'shape', type(C).__name__)}."
+        )
+
+
+class CostMatrix(AbstractGeometry):
+    """A geometry given by a dense cost matrix `C` of shape `(n, m)`.
+
+    Example:
+        >>> import jax.numpy as jnp, monge
+        >>> geom = monge.geometry.CostMatrix(jnp.array([[0.0, 1.0], [1.0, 0.0]]))
+        >>> geom.shape
+        (2, 2)
+    """
+
+    C: Float[Array, "n m"] = eqx.field(converter=as_float_array)
+
+    def __check_init__(self):
+        _check_matrix(self.C)
+
+    @property
+    def shape(self):
+        return tuple(self.C.shape)
+
+    def cost_matrix(self):
+        return self.C
+
+    def precompute(self):
+        return self
+
+    def map_lines(self, fn, axis, *args):
+        return jax.vmap(fn, in_axes=(0 if axis == 1 else 1,) + (0,) * len(args))(self.C, *args)
+
+
+class PointCloud(AbstractGeometry):
+    r"""Two point clouds `x` `(n, d)` and `y` `(m, d)` and a ground cost.
+
+    Args:
+        x: source points, shape `(n, d)`.
+        y: target points, shape `(m, d)`.
+        cost: a name (``"sqeuclidean"``, ``"euclidean"``, ``"cityblock"``,
+            ``"cosine"``), a `monge.costs` object or a function `c(x, y)` of one pair.
+        online: if True, never store the cost matrix: every reduction recomputes it in
+            blocks of `chunk_size` lines. ``None`` (default) switches online mode on
+            when $nm$ exceeds `ONLINE_ABOVE` ($2^{25}$). Static: changing it recompiles.
+        chunk_size: lines per block in online mode; default keeps a block near
+            $2^{21}$ entries.
+
+    Example:
+        >>> import jax.numpy as jnp, monge
+        >>> geom = monge.geometry.PointCloud(jnp.zeros((3, 2)), jnp.ones((4, 2)))
+        >>> geom.cost_matrix()[0, 0]
+        Array(2., dtype=float32)
+    """
+
+    x: Float[Array, "n d"] = eqx.field(converter=as_float_array)
+    y: Float[Array, "m d"] = eqx.field(converter=as_float_array)
+    cost: AbstractCost = eqx.field(default_factory=SqEuclidean, converter=as_cost)
+    online: bool | None = eqx.field(default=None, static=True)
+    chunk_size: int | None = eqx.field(default=None, static=True)
+
+    def __check_init__(self):
+        for name, z in (("x", self.x), ("y", self.y)):
+            if z.ndim != 2:
+                hint = " Use z.reshape(-1, 1) for points on a line." if z.ndim == 1 else ""
+                raise ValueError(
+                    f"`{name}` must be a 2-D array of points, shape (n, d); received shape "
+                    f"{tuple(z.shape)}.{hint}"
+                )
+        if self.x.shape[1] != self.y.shape[1]:
+            raise ValueError(
+                f"`x` and `y` must have the same dimension d; received x of shape "
+                f"{tuple(self.x.shape)} and y of shape {tuple(self.y.shape)}."
+            )
+        if self.chunk_size is not None and not (
+            isinstance(self.chunk_size, int) and self.chunk_size >= 1
+        ):
+            raise ValueError(
+                f"`chunk_size` must be a positive integer; received {self.chunk_size!r}."
+            )
+
+    @property
+    def shape(self):
+        return (self.x.shape[0], self.y.shape[0])
+
+    @property
+    def is_online(self) -> bool:
+        """Whether reductions recompute the cost in blocks (static)."""
+        if self.online is None:
+            return self.shape[0] * self.shape[1] > ONLINE_ABOVE
+        return self.online
+
+    def cost_matrix(self):
+        return self.cost.all_pairs(self.x, self.y)
+
+    def map_lines(self, fn, axis, *args):
+        if not self.is_online:
+            return CostMatrix(self.cost_matrix()).map_lines(fn, axis, *args)
+        lines, others = (self.x, self.y) if axis == 1 else (self.y, self.x)
+        chunk = self.chunk_size or max(1, _BLOCK_ENTRIES // max(others.shape[0], 1))
+
+        @jax.checkpoint
+        def one(line_and_args):
+            point, *line_args = line_and_args
+            if axis == 1:
+                c = self.cost.all_pairs(point[None], others)[0]
+            else:
+                c = self.cost.all_pairs(others, point[None])[:, 0]
+            return fn(c, *line_args)
+
+        return jax.lax.map(one, (lines, *args), batch_size=min(chunk, lines.shape[0]))
+
+    def precompute(self):
+        return self if self.is_online else CostMatrix(self.cost_matrix())

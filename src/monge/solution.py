@@ -1,0 +1,209 @@
+r"""What a solver returns: dual potentials and a lazy coupling.
+
+Potentials follow the convention $P_{ij} = a_i b_j \exp((f_i + g_j - C_{ij}) /
+\varepsilon)$, so that for a balanced problem $\langle f, a\rangle + \langle g,
+b\rangle$ is the regularised cost (when $\sum a = \sum b = 1$).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from monge.geometry import PointCloud
+from monge.problems import LinearProblem
+
+__all__ = ["Solution", "Status"]
+
+
+class Status(enum.IntEnum):
+    """How a solver ended. `Solution.status` holds the integer; `.message` the text."""
+
+    CONVERGED = 0
+    MAX_ITERATIONS = 1
+    DIVERGED = 2
+
+
+MESSAGES = {
+    Status.CONVERGED: "converged: the marginal error fell below the threshold",
+    Status.MAX_ITERATIONS: (
+        "not converged: max_iterations was reached before the marginal error fell below "
+        "the threshold; increase max_iterations or epsilon, or relax the threshold"
+    ),
+    Status.DIVERGED: (
+        "diverged: non-finite values (NaN or inf) appeared; check the inputs for NaN/inf, "
+        "or increase epsilon"
+    ),
+}
+
+
+def safe_log(w: Array) -> Array:
+    """`log(w)` with `-inf` (and a zero gradient) where `w == 0`."""
+    positive = w > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, w, 1.0)), -jnp.inf)
+
+
+class Solution(eqx.Module):
+    r"""The result of a linear OT solver.
+
+    Attributes:
+        problem: the problem that was solved.
+        f, g: dual potentials, shapes `(n,)` and `(m,)`.
+        epsilon: the entropic regularisation used (the default resolved to a number).
+        n_iters: number of Sinkhorn iterations (one f and one g update each).
+        error: the final L1 marginal (optimality) error.
+        errors: marginal error after each block of `inner_iterations`; -1 where the
+            solver had stopped.
+        converged: whether the final error is below the threshold.
+        status: a `Status` code; `message` is its text.
+
+    A `Solution` returned by `jax.vmap` holds batched arrays: read its fields directly,
+    but evaluate computed properties (`plan`, `cost`, `apply`, `transport`) inside the
+    vmapped function.
+    """
+
+    problem: LinearProblem
+    f: Float[Array, " n"]
+    g: Float[Array, " m"]
+    epsilon: Float[Array, ""]
+    n_iters: Int[Array, ""]
+    error: Float[Array, ""]
+    errors: Float[Array, " blocks"]
+    converged: Bool[Array, ""]
+    status: Int[Array, ""]
+
+    @property
+    def message(self) -> str | list:
+        """The status as readable text (a nested list for a batch of solutions)."""
+        codes = np.asarray(self.status)
+        if codes.ndim == 0:
+            return MESSAGES[Status(int(codes))]
+        return np.vectorize(lambda s: MESSAGES[Status(int(s))], otypes=[object])(codes).tolist()
+
+    # -- the coupling -----------------------------------------------------------------
+    def _log_ab(self):
+        return safe_log(self.problem.a), safe_log(self.problem.b)
+
+    @property
+    def plan(self) -> Float[Array, "n m"]:
+        """The dense coupling $P$, materialised (memory $nm$): prefer `apply`."""
+        log_a, log_b = self._log_ab()
+        C = self.problem.geom.cost_matrix()
+        eps = self.epsilon
+        return jnp.exp(
+            log_a[:, None] + log_b[None, :] + (self.f[:, None] + self.g[None, :] - C) / eps
+        )
+
+    def apply(self, v: Array, axis: int = 0) -> Array:
+        r"""The coupling applied to `v` without materialising it.
+
+        `axis=0` sums over the source: $P^\top v$ with `v` of shape `(n,)` or `(n, k)`;
+        `axis=1` sums over the target: $P v$ with `v` of shape `(m,)` or `(m, k)`.
+        """
+        if axis not in (0, 1):
+            raise ValueError(f"`axis` must be 0 or 1; received {axis!r}.")
+        v = jnp.asarray(v)
+        expected = self.problem.geom.shape[axis]
+        if v.ndim not in (1, 2) or v.shape[0] != expected:
+            raise ValueError(
+                f"`sol.apply(v, axis={axis})` needs v of shape ({expected},) or ({expected}, k) "
+                f"(one entry per {'source' if axis == 0 else 'target'} point); received "
+                f"shape {tuple(v.shape)}."
+            )
+        log_a, log_b = self._log_ab()
+        eps = self.epsilon
+        if axis == 1:
+            h, log_out, out_pot = self.g + eps * log_b, log_a, self.f
+        else:
+            h, log_out, out_pot = self.f + eps * log_a, log_b, self.g
+        top, w = self.problem.geom.apply_kernel(h, eps, v, axis)
+        scale = jnp.exp(log_out + out_pot / eps + top)
+        return scale[:, None] * w if w.ndim == 2 else scale * w
+
+    def marginals(self) -> tuple[Array, Array]:
+        """$(P\\mathbf 1, P^\\top \\mathbf 1)$: the coupling's two marginals."""
+        n, m = self.problem.geom.shape
+        dtype = self.f.dtype
+        return self.apply(jnp.ones((m,), dtype), axis=1), self.apply(jnp.ones((n,), dtype), axis=0)
+
+    # -- costs ------------------------------------------------------------------------
+    @property
+    def cost(self) -> Float[Array, ""]:
+        r"""$\langle C, P\rangle$, the transport cost of the coupling (no entropy)."""
+        log_a, log_b = self._log_ab()
+        eps = self.epsilon
+        h = self.g + eps * log_b
+
+        def line(c):
+            s = (h - c) / eps
+            top = jax.lax.stop_gradient(jnp.max(s))
+            top = jnp.where(jnp.isfinite(top), top, 0.0)
+            return top, jnp.exp(s - top) @ c
+
+        top, w = self.problem.geom.map_lines(line, 1)
+        return jnp.sum(jnp.exp(log_a + self.f / eps + top) * w)
+
+    @property
+    def reg_cost(self) -> Float[Array, ""]:
+        r"""The regularised objective, as the dual value at $(f, g)$:
+
+        $$-\rho_a\langle a, e^{-f/\rho_a} - 1\rangle - \rho_b\langle b, e^{-g/\rho_b} - 1
+        \rangle - \varepsilon(\textstyle\sum P - \sum a \sum b),$$
+
+        which is $\langle f, a\rangle + \langle g, b\rangle$ for a balanced problem with
+        unit masses. At convergence it equals the primal $\langle C, P\rangle +
+        \varepsilon\mathrm{KL}(P\|ab^\top) + \rho_a\mathrm{KL}(P\mathbf 1\|a) +
+        \rho_b\mathrm{KL}(P^\top\mathbf 1\|b)$.
+        """
+        p = self.problem
+        eps = self.epsilon
+        mass = jnp.sum(self.marginals()[0])
+        return (
+            p.a @ phi_star(self.f, p.tau_a, eps)
+            + p.b @ phi_star(self.g, p.tau_b, eps)
+            - eps * (mass - jnp.sum(p.a) * jnp.sum(p.b))
+        )
+
+    # -- maps -------------------------------------------------------------------------
+    def transport(self, z: Float[Array, "k d"]) -> Float[Array, "k d"]:
+        r"""The entropic map (Pooladian & Niles-Weed, 2021) applied to new points `z`.
+
+        $T(z) = z - \nabla h^*(\nabla f_\varepsilon(z))$ for a cost $h(x - y)$, with
+        $f_\varepsilon(z) = -\varepsilon \log \sum_j b_j e^{(g_j - c(z, y_j))/\varepsilon}$.
+        For the squared Euclidean cost this is the barycentric projection
+        $\sum_j p_j(z) y_j$, $p_j(z) \propto b_j e^{(g_j - \|z - y_j\|^2)/\varepsilon}$.
+        Only for point-cloud problems.
+        """
+        geom = self.problem.geom
+        if not isinstance(geom, PointCloud):
+            raise ValueError(
+                "`transport` needs a point-cloud problem (monge.solve(x, y, ...)); this "
+                "solution comes from a cost matrix, which has no points to map."
+            )
+        z = jnp.asarray(z, dtype=geom.x.dtype)
+        if z.ndim != 2 or z.shape[1] != geom.x.shape[1]:
+            raise ValueError(
+                f"`transport(z)` needs z of shape (k, {geom.x.shape[1]}) (points of the "
+                f"source space); received shape {tuple(z.shape)}."
+            )
+        cost = geom.cost
+        b, g, eps = self.problem.b, self.g, self.epsilon
+
+        def f_eps(zz):
+            new = PointCloud(zz, geom.y, cost, online=geom.online, chunk_size=geom.chunk_size)
+            return -eps * new.map_lines(lambda c: jax.nn.logsumexp((g - c) / eps, b=b), 1)
+
+        grad_f = jax.grad(lambda zz: jnp.sum(f_eps(zz)))(z)
+        return z - jax.vmap(cost.h_star_grad)(grad_f)
+
+
+def phi_star(f: Array, tau: Array, eps: Array) -> Array:
+    r"""$\rho(1 - e^{-f/\rho})$ with $\rho = \varepsilon\tau/(1-\tau)$; $f$ when $\tau = 1$."""
+    unbalanced = tau < 1
+    rho = eps * tau / jnp.where(unbalanced, 1 - tau, 1.0)
+    return jnp.where(unbalanced, -rho * jnp.expm1(-f / rho), f)

@@ -1,0 +1,145 @@
+"""Sinkhorn against independent references: POT (float64), scipy, closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ot
+import pytest
+from conftest import sqdist
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+
+import monge
+
+EPS = 0.5
+
+
+def pot_plan(a, b, M, eps):
+    return ot.sinkhorn(a, b, M, eps, method="sinkhorn_log", stopThr=1e-13, numItermax=100_000)
+
+
+@pytest.mark.parametrize(
+    "cost, reference",
+    [
+        ("sqeuclidean", sqdist),
+        ("euclidean", lambda x, y: cdist(x, y)),
+        ("cityblock", lambda x, y: cdist(x, y, "cityblock")),
+        ("cosine", lambda x, y: cdist(x, y, "cosine")),
+        (monge.costs.PNorm(3.0), lambda x, y: cdist(x, y, "minkowski", p=3)),
+        (
+            lambda u, v: jnp.sum(jnp.abs(u - v) ** 1.5),
+            lambda x, y: (np.abs(x[:, None] - y[None]) ** 1.5).sum(-1),
+        ),
+    ],
+    ids=["sqeuclidean", "euclidean", "cityblock", "cosine", "pnorm3", "callable"],
+)
+def test_cost_matches_pot_x64(clouds, cost, reference):
+    x, y, a, b = clouds
+    M = reference(x, y)
+    eps = 0.1 * M.mean()
+    expected = np.sum(pot_plan(a, b, M, eps) * M)
+    with jax.enable_x64(True):
+        sol = monge.solve(x, y, a=a, b=b, cost=cost, epsilon=eps, threshold=1e-10)
+        assert bool(sol.converged)
+        np.testing.assert_allclose(float(sol.cost), expected, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(sol.problem.geom.cost_matrix()), M, rtol=1e-6, atol=1e-9)
+
+
+def test_cost_matches_pot_float32(clouds):
+    x, y, a, b = clouds
+    M = sqdist(x, y)
+    expected = np.sum(pot_plan(a, b, M, EPS) * M)
+    sol = monge.solve(x.astype(np.float32), y.astype(np.float32), a=a, b=b, epsilon=EPS)
+    assert sol.f.dtype == jnp.float32
+    assert bool(sol.converged)
+    np.testing.assert_allclose(float(sol.cost), expected, rtol=1e-3)
+
+
+def test_solve_matrix_and_reg_cost_vs_pot_primal(clouds):
+    x, y, a, b = clouds
+    M = sqdist(x, y)
+    P = pot_plan(a, b, M, EPS)
+    # primal <C,P> + eps KL(P || a b^T), computed from POT's plan
+    primal = np.sum(P * M) + EPS * np.sum(P * np.log(P / np.outer(a, b)) - P + np.outer(a, b))
+    with jax.enable_x64(True):
+        sol = monge.solve_matrix(M, a=a, b=b, epsilon=EPS, threshold=1e-10)
+        np.testing.assert_allclose(np.asarray(sol.plan), P, atol=1e-10)
+        np.testing.assert_allclose(float(sol.reg_cost), primal, rtol=1e-8)
+        r, c = sol.marginals()
+        np.testing.assert_allclose(np.asarray(r), a, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(c), b, atol=1e-12)
+
+
+def test_far_from_origin_float32(clouds):
+    """Centred costs: points near 1000 keep float32 accuracy."""
+    x, y, a, b = clouds
+    expected = np.sum(pot_plan(a, b, sqdist(x, y), EPS) * sqdist(x, y))
+    shift = 1000.0
+    sol = monge.solve((x + shift).astype(np.float32), (y + shift).astype(np.float32), a=a, b=b, epsilon=EPS)
+    np.testing.assert_allclose(float(sol.cost), expected, rtol=1e-3)
+    C32 = monge.PointCloud((x + shift).astype(np.float32), (y + shift).astype(np.float32)).cost_matrix()
+    np.testing.assert_allclose(np.asarray(C32), sqdist(x, y), atol=2e-3)
+
+
+def test_small_epsilon_recovers_assignment():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(9, 2)), rng.normal(size=(9, 2))
+    M = sqdist(x, y)
+    _, perm = linear_sum_assignment(M)
+    with jax.enable_x64(True):
+        # Plain Sinkhorn is slow at this epsilon (annealing is the cure); 3000
+        # iterations already put the plan within 1e-3 of the permutation.
+        sol = monge.solve(x, y, epsilon=1e-3 * M.mean(), threshold=1e-5, max_iterations=3000)
+        np.testing.assert_allclose(np.asarray(sol.plan) * 9, np.eye(9)[perm], atol=2e-3)
+        np.testing.assert_allclose(float(sol.cost), M[np.arange(9), perm].mean(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("tau_a, tau_b", [(0.8, 0.8), (0.6, 1.0)])
+def test_unbalanced_matches_pot(clouds, tau_a, tau_b):
+    """tau = rho / (rho + eps)  <=>  POT's reg_m = rho = eps * tau / (1 - tau)."""
+    x, y, a, b = clouds
+    b = 1.4 * b  # unequal masses
+    M = sqdist(x, y)
+    rho = lambda tau: np.inf if tau == 1 else EPS * tau / (1 - tau)  # noqa: E731
+    P = ot.unbalanced.sinkhorn_unbalanced(
+        a, b, M, EPS, (rho(tau_a), rho(tau_b)), method="sinkhorn", reg_type="kl",
+        stopThr=1e-14, numItermax=100_000,
+    )
+    with jax.enable_x64(True):
+        sol = monge.solve(x, y, a=a, b=b, epsilon=EPS, tau_a=tau_a, tau_b=tau_b, threshold=1e-11)
+        assert bool(sol.converged)
+        np.testing.assert_allclose(np.asarray(sol.plan), P, atol=1e-10)
+        np.testing.assert_allclose(float(sol.cost), np.sum(P * M), rtol=1e-8)
+        kl = lambda p, q: np.sum(p * np.log(p / q) - p + q)  # noqa: E731
+        primal = np.sum(P * M) + EPS * kl(P, np.outer(a, b)) + rho(tau_a) * kl(P.sum(1), a)
+        if tau_b < 1:
+            primal += rho(tau_b) * kl(P.sum(0), b)
+        np.testing.assert_allclose(float(sol.reg_cost), primal, rtol=1e-7)
+
+
+def test_transport_is_barycentric_projection_of_pot_plan(clouds):
+    x, y, a, b = clouds
+    P = pot_plan(a, b, sqdist(x, y), EPS)
+    with jax.enable_x64(True):
+        sol = monge.solve(x, y, a=a, b=b, epsilon=EPS, threshold=1e-11)
+        np.testing.assert_allclose(np.asarray(sol.transport(x)), (P @ y) / a[:, None], atol=1e-8)
+        np.testing.assert_allclose(np.asarray(sol.apply(y, axis=1)), P @ y, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(sol.apply(x, axis=0)), P.T @ x, atol=1e-10)
+
+
+def test_transport_recovers_translation():
+    """y = x + v: as epsilon -> 0 the entropic map of the cloud is the translation."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(size=(30, 2))
+    v = np.array([0.3, -0.2])
+    sol = monge.solve(x, x + v, epsilon=1e-3, threshold=1e-5, max_iterations=5000)
+    np.testing.assert_allclose(np.asarray(sol.transport(x[:5])), x[:5] + v, atol=1e-2)
+
+
+def test_transport_rejects_cost_without_map(clouds):
+    x, y, _, _ = clouds
+    sol = monge.solve(x, y, cost="euclidean", epsilon=EPS)
+    with pytest.raises(ValueError, match="has no transport map"):
+        sol.transport(x)
+    with pytest.raises(ValueError, match="needs a point-cloud problem"):
+        monge.solve_matrix(sqdist(x, y), epsilon=EPS).transport(x)
