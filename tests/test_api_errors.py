@@ -55,6 +55,8 @@ def test_other_constructors_reject_bad_input():
         monge.PointCloud(X, Y, chunk_size=0)
     with pytest.raises(ValueError, match=r"`Sinkhorn` solves a monge.LinearProblem"):
         monge.Sinkhorn()(X)
+    with pytest.raises(ValueError, match=r"`mode` must be 'auto', 'log' or 'kernel'; received 'fast'"):
+        monge.Sinkhorn(mode="fast")
     with pytest.raises(ValueError, match=r"`adjoint` must be monge.ImplicitAdjoint\(\)"):
         monge.Sinkhorn(adjoint="implicit")
     with pytest.raises(ValueError, match=r"`epsilon` must be a scalar"):

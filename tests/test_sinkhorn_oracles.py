@@ -143,3 +143,50 @@ def test_transport_rejects_cost_without_map(clouds):
         sol.transport(x)
     with pytest.raises(ValueError, match="needs a point-cloud problem"):
         monge.solve_matrix(sqdist(x, y), epsilon=EPS).transport(x)
+
+
+@pytest.mark.parametrize("mode", ["log", "kernel"])
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_modes_match_pot_with_zero_weights(clouds, mode, tau):
+    """Zero weights drop their points: compare with POT on the reduced problem."""
+    x, y, a, b = clouds
+    a = a.copy()
+    b = b.copy()
+    a[2] = 0.0
+    b[[0, 5]] = 0.0
+    a, b = a / a.sum(), b / b.sum()
+    keep_a, keep_b = a > 0, b > 0
+    M = sqdist(x, y)[np.ix_(keep_a, keep_b)]
+    if tau == 1:
+        P = pot_plan(a[keep_a], b[keep_b], M, EPS)
+    else:
+        rho = EPS * tau / (1 - tau)
+        P = ot.unbalanced.sinkhorn_unbalanced(
+            a[keep_a], b[keep_b], M, EPS, rho, reg_type="kl", stopThr=1e-14, numItermax=100_000
+        )
+    with jax.enable_x64(True):
+        problem = monge.LinearProblem(monge.PointCloud(x, y), a, b, epsilon=EPS, tau_a=tau, tau_b=tau)
+        sol = monge.Sinkhorn(threshold=1e-11, mode=mode)(problem)
+        assert bool(sol.converged)
+        plan = np.asarray(sol.plan)
+        np.testing.assert_allclose(plan[np.ix_(keep_a, keep_b)], P, atol=1e-10)
+        assert np.all(plan[~keep_a] == 0) and np.all(plan[:, ~keep_b] == 0)
+
+
+def test_kernel_mode_float32_small_epsilon_matches_log_mode(clouds):
+    """Kernel blocks start from the previous plan, so tiny epsilon stays stable."""
+    x, y, a, b = clouds
+    x, y = x.astype(np.float32) * 10, y.astype(np.float32) * 10
+    M = sqdist(x, y)
+    eps = 2e-3 * M.mean()
+    sols = {
+        mode: monge.Sinkhorn(threshold=1e-3, max_iterations=20_000, mode=mode)(
+            monge.LinearProblem(monge.PointCloud(x, y), a, b, epsilon=eps)
+        )
+        for mode in ("log", "kernel")
+    }
+    exact = ot.emd2(a, b, M)
+    for sol in sols.values():
+        assert bool(sol.converged) and np.all(np.isfinite(np.asarray(sol.f)))
+        np.testing.assert_allclose(float(sol.cost), exact, rtol=2e-2)
+    np.testing.assert_allclose(float(sols["kernel"].cost), float(sols["log"].cost), rtol=1e-3)

@@ -168,6 +168,15 @@ def as_cost(cost: str | AbstractCost | Callable) -> AbstractCost:
 
     Names: ``"sqeuclidean"`` ($\\|x-y\\|^2$), ``"euclidean"``, ``"cityblock"`` ($\\ell_1$),
     ``"cosine"``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from monge.costs import as_cost
+        >>> cost = as_cost("cityblock")
+        >>> float(cost(jnp.array([0.0, 0.0]), jnp.array([1.0, -2.0])))
+        3.0
+        >>> cost.all_pairs(jnp.zeros((2, 2)), jnp.ones((3, 2))).shape
+        (2, 3)
     """
     if isinstance(cost, AbstractCost):
         return cost

@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 from monge.geometry import PointCloud
 from monge.problems import LinearProblem
 
-__all__ = ["Solution", "Status"]
+__all__ = ["Solution", "PlanSolution", "Status"]
 
 
 class Status(enum.IntEnum):
@@ -40,6 +40,29 @@ MESSAGES = {
         "or increase epsilon"
     ),
 }
+
+
+def status_message(status) -> str | list:
+    """Readable text for a status code, or a nested list of texts for a batch."""
+    codes = np.asarray(status)
+    if codes.ndim == 0:
+        return MESSAGES[Status(int(codes))]
+    return np.vectorize(lambda s: MESSAGES[Status(int(s))], otypes=[object])(codes).tolist()
+
+
+def check_apply(v, axis: int, shape: tuple[int, int]) -> Array:
+    """Validate the argument of `apply(v, axis)`: one entry per point of the summed side."""
+    if axis not in (0, 1):
+        raise ValueError(f"`axis` must be 0 or 1; received {axis!r}.")
+    v = jnp.asarray(v)
+    expected = shape[axis]
+    if v.ndim not in (1, 2) or v.shape[0] != expected:
+        raise ValueError(
+            f"`sol.apply(v, axis={axis})` needs v of shape ({expected},) or ({expected}, k) "
+            f"(one entry per {'source' if axis == 0 else 'target'} point); received "
+            f"shape {tuple(v.shape)}."
+        )
+    return v
 
 
 def safe_log(w: Array) -> Array:
@@ -80,10 +103,7 @@ class Solution(eqx.Module):
     @property
     def message(self) -> str | list:
         """The status as readable text (a nested list for a batch of solutions)."""
-        codes = np.asarray(self.status)
-        if codes.ndim == 0:
-            return MESSAGES[Status(int(codes))]
-        return np.vectorize(lambda s: MESSAGES[Status(int(s))], otypes=[object])(codes).tolist()
+        return status_message(self.status)
 
     # -- the coupling -----------------------------------------------------------------
     def _log_ab(self):
@@ -105,16 +125,7 @@ class Solution(eqx.Module):
         `axis=0` sums over the source: $P^\top v$ with `v` of shape `(n,)` or `(n, k)`;
         `axis=1` sums over the target: $P v$ with `v` of shape `(m,)` or `(m, k)`.
         """
-        if axis not in (0, 1):
-            raise ValueError(f"`axis` must be 0 or 1; received {axis!r}.")
-        v = jnp.asarray(v)
-        expected = self.problem.geom.shape[axis]
-        if v.ndim not in (1, 2) or v.shape[0] != expected:
-            raise ValueError(
-                f"`sol.apply(v, axis={axis})` needs v of shape ({expected},) or ({expected}, k) "
-                f"(one entry per {'source' if axis == 0 else 'target'} point); received "
-                f"shape {tuple(v.shape)}."
-            )
+        v = check_apply(v, axis, self.problem.geom.shape)
         log_a, log_b = self._log_ab()
         eps = self.epsilon
         if axis == 1:
@@ -207,3 +218,50 @@ def phi_star(f: Array, tau: Array, eps: Array) -> Array:
     unbalanced = tau < 1
     rho = eps * tau / jnp.where(unbalanced, 1 - tau, 1.0)
     return jnp.where(unbalanced, -rho * jnp.expm1(-f / rho), f)
+
+
+class PlanSolution(eqx.Module):
+    r"""A solution held as an explicit coupling: exact, partial, smooth or sparse OT.
+
+    Same reading interface as `Solution` where it makes sense (`plan`, `apply`,
+    `cost`, `reg_cost`, `marginals`, `converged`, `status`, `message`); the potentials
+    are the solver's dual variables (for exact OT: $f_i + g_j \le C_{ij}$, with equality
+    on the support of the plan).
+
+    Attributes:
+        problem: the problem that was solved (its `epsilon` may be unused).
+        plan: the `(n, m)` coupling.
+        f, g: dual potentials.
+        reg_cost: the objective value the solver minimised (equal to `cost` for exact OT).
+        n_iters, error, converged, status: as in `Solution`; `error` is the solver's own
+            optimality measure (its docstring says which).
+    """
+
+    problem: LinearProblem
+    plan: Float[Array, "n m"]
+    f: Float[Array, " n"]
+    g: Float[Array, " m"]
+    reg_cost: Float[Array, ""]
+    n_iters: Int[Array, ""]
+    error: Float[Array, ""]
+    converged: Bool[Array, ""]
+    status: Int[Array, ""]
+
+    @property
+    def message(self) -> str | list:
+        """The status as readable text."""
+        return status_message(self.status)
+
+    @property
+    def cost(self) -> Float[Array, ""]:
+        r"""$\langle C, P\rangle$."""
+        return jnp.sum(self.plan * self.problem.geom.cost_matrix())
+
+    def apply(self, v: Array, axis: int = 0) -> Array:
+        r"""`axis=0`: $P^\top v$; `axis=1`: $P v$ (as `Solution.apply`)."""
+        v = check_apply(v, axis, self.problem.geom.shape)
+        return self.plan.T @ v if axis == 0 else self.plan @ v
+
+    def marginals(self) -> tuple[Array, Array]:
+        r"""$(P\mathbf 1, P^\top \mathbf 1)$."""
+        return jnp.sum(self.plan, axis=1), jnp.sum(self.plan, axis=0)

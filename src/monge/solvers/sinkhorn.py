@@ -15,6 +15,7 @@ the next $f$ update, so it costs nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -23,9 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from monge import _checks
-from monge.geometry import as_float_array
+from jaxtyping import Array
+
+from monge.geometry import AbstractGeometry, CostMatrix, as_float_array
 from monge.problems import LinearProblem
-from monge.solution import MESSAGES, Solution, Status
+from monge.solution import MESSAGES, Solution, Status, safe_log
 from monge.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint
 
 __all__ = ["Sinkhorn"]
@@ -42,6 +45,12 @@ class Sinkhorn(eqx.Module):
         adjoint: `ImplicitAdjoint()` (default) or `UnrolledAdjoint()`.
         progress: print the iteration count and error to stderr after every check
             (through `jax.debug.callback`); static.
+        mode: ``"log"`` runs every update as a log-sum-exp; ``"kernel"`` runs blocks as
+            matrix-vector products on the plan of the previous block (see
+            `_Steps.kernel_block`), several times cheaper per iteration, redoing a block
+            in the log domain if it produced non-finite values; ``"auto"`` (default)
+            uses kernel mode when the cost matrix is stored (not online). Both modes
+            compute the same iterates. Static.
 
     Example:
         >>> import jax.numpy as jnp, monge
@@ -58,8 +67,13 @@ class Sinkhorn(eqx.Module):
     inner_iterations: int = eqx.field(default=10, static=True)
     adjoint: AbstractAdjoint = eqx.field(default_factory=ImplicitAdjoint)
     progress: bool = eqx.field(default=False, static=True)
+    mode: str = eqx.field(default="auto", static=True)
 
     def __check_init__(self):
+        if self.mode not in ("auto", "log", "kernel"):
+            raise ValueError(
+                f"`mode` must be 'auto', 'log' or 'kernel'; received {self.mode!r}."
+            )
         for name in ("max_iterations", "inner_iterations"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -85,47 +99,50 @@ class Sinkhorn(eqx.Module):
         return _solve(self, problem, throw)
 
     # -- iterations -------------------------------------------------------------------
+    def uses_kernel(self, geom) -> bool:
+        """Whether blocks run in kernel (scaling) mode on this geometry (static)."""
+        if self.mode == "auto":
+            return isinstance(geom.precompute(), CostMatrix)
+        return self.mode == "kernel"
+
     def iterate(self, theta, unrolled: bool):
         """Run the iterations on `theta = (geom, a, b, eps, tau_a, tau_b)`.
 
         Returns `(f, g, (n_iters, errors, error))`.
         """
         geom, a, b, eps, tau_a, tau_b = theta
+        kernel = self.uses_kernel(geom)
         geom = geom.precompute()
         n, m = geom.shape
         dtype = a.dtype
-
-        def f_hat_of(g):  # the untempered f update
-            return -eps * geom.lse(g, eps, 1, w=b)
-
-        def one(carry, _):
-            f, g, f_hat = carry
-            f = tau_a * f_hat
-            g = -tau_b * eps * geom.lse(f, eps, 0, w=a)
-            return (f, g, f_hat_of(g)), None
+        steps = _Steps(geom, a, b, eps, tau_a, tau_b, self.inner_iterations)
 
         def block(state):
-            (f, g, f_hat), it, errors = state
-            (f, g, f_hat), _ = jax.lax.scan(one, (f, g, f_hat), None, self.inner_iterations)
-            err = jnp.sum(
-                jnp.abs(a * (jnp.exp(-(1 - tau_a) / (tau_a * eps) * f) - jnp.exp((f - f_hat) / eps)))
-            )
-            err = jnp.where(jnp.isnan(err), jnp.inf, err)
+            potentials, it, errors = state
+            if kernel:
+                new = steps.kernel_block(potentials)
+                ok = jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[2]))
+                new = jax.lax.cond(ok, lambda: new, lambda: steps.log_block(potentials))
+            else:
+                new = steps.log_block(potentials)
+            err = steps.error(new)
             errors = errors.at[it // self.inner_iterations].set(err)
             it = it + self.inner_iterations
             if self.progress:
                 jax.debug.callback(_report, it, err, self.max_iterations)
-            return (f, g, f_hat), it, errors
+            return new, it, errors
 
         def running(state):
             _, it, errors = state
             err = errors[jnp.maximum(it // self.inner_iterations - 1, 0)]
-            first = it == 0
-            return first | ((it < self.n_blocks * self.inner_iterations) & (err > self.threshold) & jnp.isfinite(err))
+            budget = it < self.n_blocks * self.inner_iterations
+            return (it == 0) | (budget & (err > self.threshold) & jnp.isfinite(err))
 
         g0 = jnp.zeros((m,), dtype)
-        state = ((jnp.zeros((n,), dtype), g0, f_hat_of(g0)), jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype))
+        potentials = (jnp.zeros((n,), dtype), g0, steps.f_hat(g0))
+        state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype))
         if unrolled:
+
             def masked(state, _):
                 new = jax.checkpoint(block)(state)
                 keep = running(state)
@@ -137,6 +154,74 @@ class Sinkhorn(eqx.Module):
         (f, g, _), it, errors = state
         error = errors[jnp.maximum(it // self.inner_iterations - 1, 0)]
         return f, g, (it, errors, error)
+
+
+class _Steps(eqx.Module):
+    """One block of Sinkhorn updates, in the log domain or in kernel (scaling) mode.
+
+    A block maps `(f, g, f_hat)` — `f_hat` the untempered f update for `g` — to the
+    same triple after `inner` iterations (each: `f = tau_a f_hat`, g update, new
+    `f_hat`). Both modes compute the same iterates; only the arithmetic differs.
+    """
+
+    geom: AbstractGeometry
+    a: Array
+    b: Array
+    eps: Array
+    tau_a: Array
+    tau_b: Array
+    inner: int = eqx.field(static=True)
+
+    def f_hat(self, g):
+        return -self.eps * self.geom.lse(g, self.eps, 1, w=self.b)
+
+    def log_block(self, potentials):
+        def one(carry, _):
+            f, g, f_hat = carry
+            f = self.tau_a * f_hat
+            g = -self.tau_b * self.eps * self.geom.lse(f, self.eps, 0, w=self.a)
+            return (f, g, self.f_hat(g)), None
+
+        return jax.lax.scan(one, potentials, None, self.inner)[0]
+
+    def kernel_block(self, potentials):
+        r"""Scaling iterations on the plan of the current potentials.
+
+        With $P^0 = \mathrm{diag}(a) e^{(f^0 \oplus g^0 - C)/\varepsilon}
+        \mathrm{diag}(b)$ and $f = f^0 + \varepsilon\log u$, $g = g^0 +
+        \varepsilon\log v$, the log-domain updates become matrix-vector products:
+        $\hat f = f^0 + \varepsilon(\log a - \log P^0 v)$, likewise for $g$. Building
+        $P^0$ costs one exp pass (as one log-sum-exp); each iteration then costs two
+        matrix-vector products. Since $P^0$ is the plan of the previous block, $u, v$
+        stay near 1 and float32 is safe; a non-finite block is redone in the log domain.
+        """
+        _, g0, f_hat0 = potentials
+        eps, a, b = self.eps, self.a, self.b
+        f0 = self.tau_a * f_hat0  # the first iteration's f: u = 1
+        log_a, log_b = safe_log(a), safe_log(b)
+        C = self.geom.cost_matrix()
+        P0 = jnp.exp(log_a[:, None] + log_b[None, :] + (f0[:, None] + g0[None, :] - C) / eps)
+        dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
+
+        def one(carry, _):
+            _, _, f_hat = carry
+            f = self.tau_a * f_hat
+            u = jnp.exp((f - f0) / eps)
+            g_hat = jnp.where(b > 0, g0 + eps * (log_b - jnp.log(dot(u, P0))), g0)
+            g = self.tau_b * g_hat
+            v = jnp.exp((g - g0) / eps)
+            f_hat = jnp.where(a > 0, f0 + eps * (log_a - jnp.log(dot(P0, v))), f0)
+            return (f, g, f_hat), None
+
+        return jax.lax.scan(one, potentials, None, self.inner)[0]
+
+    def error(self, potentials):
+        r"""L1 optimality error $\|a e^{-f/\rho_a} - P\mathbf 1\|_1$ of `(f, g)`."""
+        f, _, f_hat = potentials
+        eps, tau_a = self.eps, self.tau_a
+        residual = self.a * (jnp.exp(-(1 - tau_a) / (tau_a * eps) * f) - jnp.exp((f - f_hat) / eps))
+        err = jnp.sum(jnp.abs(residual))
+        return jnp.where(jnp.isnan(err), jnp.inf, err)
 
 
 def _report(it, err, max_iterations):
