@@ -55,6 +55,8 @@ def test_other_constructors_reject_bad_input():
         monge.PointCloud(X, Y, chunk_size=0)
     with pytest.raises(ValueError, match=r"`Sinkhorn` solves a monge.LinearProblem"):
         monge.Sinkhorn()(X)
+    with pytest.raises(ValueError, match=r"`anneal_decay` must lie in \(0, 1\); received"):
+        monge.Sinkhorn(anneal_decay=1.0)
     with pytest.raises(ValueError, match=r"`mode` must be 'auto', 'log' or 'kernel'; received 'fast'"):
         monge.Sinkhorn(mode="fast")
     with pytest.raises(ValueError, match=r"`adjoint` must be monge.ImplicitAdjoint\(\)"):

@@ -19,7 +19,7 @@ from jaxtyping import Array, Float
 from monge import _checks
 from monge.geometry import AbstractGeometry, CostMatrix, PointCloud, as_float_array
 
-__all__ = ["LinearProblem", "DEFAULT_RELATIVE_EPSILON"]
+__all__ = ["LinearProblem", "DEFAULT_RELATIVE_EPSILON", "default_epsilon"]
 
 #: Default epsilon, relative to the mean absolute cost under the independent coupling.
 DEFAULT_RELATIVE_EPSILON = 0.05
@@ -104,12 +104,15 @@ class LinearProblem(eqx.Module):
         """The epsilon used: the given one, or the default scaled to the data."""
         if self.epsilon is not None:
             return self.epsilon
-        geom = self.geom if geom is None else geom
-        b = self.b
-        scale = self.a @ geom.map_lines(lambda c: jnp.abs(c) @ b, 1)
-        scale = scale / (jnp.sum(self.a) * jnp.sum(b))
-        # All-zero costs: every coupling is optimal; any positive epsilon will do.
-        return jnp.where(scale > 0, DEFAULT_RELATIVE_EPSILON * scale, 1.0)
+        return default_epsilon(self.geom if geom is None else geom, self.a, self.b)
+
+
+def default_epsilon(geom: AbstractGeometry, a: Array, b: Array) -> Float[Array, ""]:
+    r"""$0.05\,\bar c$, $\bar c = \sum_{ij} a_i b_j |C_{ij}| / (\sum a \sum b)$ (one
+    pass over the cost)."""
+    scale = a @ geom.map_lines(lambda c: jnp.abs(c) @ b, 1) / (jnp.sum(a) * jnp.sum(b))
+    # All-zero costs: every coupling is optimal; any positive epsilon will do.
+    return jnp.where(scale > 0, DEFAULT_RELATIVE_EPSILON * scale, 1.0)
 
 
 def _dtype_of(geom: AbstractGeometry):
