@@ -11,7 +11,13 @@ from monge.geometry import CostMatrix, PointCloud
 from monge.problems import LinearProblem
 from monge.solution import Solution, Status
 from monge.solvers import ImplicitAdjoint, Sinkhorn, UnrolledAdjoint
-from monge.tools import max_sliced_wasserstein, sliced_wasserstein, wasserstein_1d
+from monge.tools import (
+    max_sliced_wasserstein,
+    projection_robust_wasserstein,
+    semidiscrete,
+    sliced_wasserstein,
+    wasserstein_1d,
+)
 
 __version__ = "0.1.0"
 
@@ -37,4 +43,6 @@ __all__ = [
     "wasserstein_1d",
     "sliced_wasserstein",
     "max_sliced_wasserstein",
+    "semidiscrete",
+    "projection_robust_wasserstein",
 ]
