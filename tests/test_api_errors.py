@@ -27,7 +27,7 @@ Y = np.random.default_rng(1).normal(size=(11, 3)).astype(np.float32)
         (dict(a=np.ones(7)), r"balanced problem needs equal masses, but `a` sums to 7 and `b` to 1"),
         (dict(x=np.where(np.arange(21).reshape(7, 3) == 4, np.nan, X)), r"`x` has 1 non-finite value\(s\)"),
         (dict(y=np.where(np.arange(33).reshape(11, 3) == 0, np.inf, Y)), r"`y` has 1 non-finite value"),
-        (dict(epsilon=0.0), r"`epsilon` must be positive and finite; received"),
+        (dict(epsilon=np.inf), r"`epsilon` must be positive and finite; received"),
         (dict(epsilon=-1.0), r"`epsilon` must be positive"),
         (dict(tau_a=0.0), r"`tau_a` must lie in \(0, 1\]"),
         (dict(tau_b=1.5), r"`tau_b` must lie in \(0, 1\]"),

@@ -10,7 +10,17 @@ from monge.front import solve, solve_matrix
 from monge.geometry import CostMatrix, PointCloud
 from monge.problems import LinearProblem
 from monge.solution import Solution, Status
-from monge.solvers import ImplicitAdjoint, Sinkhorn, UnrolledAdjoint
+from monge.solvers import (
+    Exact,
+    ImplicitAdjoint,
+    PartialExact,
+    PartialProblem,
+    PartialSinkhorn,
+    Sinkhorn,
+    SmoothOT,
+    SparseOT,
+    UnrolledAdjoint,
+)
 from monge.tools import (
     max_sliced_wasserstein,
     projection_robust_wasserstein,
@@ -40,6 +50,12 @@ __all__ = [
     "Sinkhorn",
     "ImplicitAdjoint",
     "UnrolledAdjoint",
+    "Exact",
+    "PartialProblem",
+    "PartialExact",
+    "PartialSinkhorn",
+    "SmoothOT",
+    "SparseOT",
     "wasserstein_1d",
     "sliced_wasserstein",
     "max_sliced_wasserstein",

@@ -1,26 +1,79 @@
 """The front door: one call from data to a `Solution`.
 
-These functions only build a geometry, a problem and a solver, and call the solver.
+These functions only build a geometry, a problem and a solver, and call the solver:
+`Sinkhorn` for entropic OT, `Exact` for `epsilon=0`, `PartialExact` /
+`PartialSinkhorn` when a `mass` to transport is given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
+from monge import _checks
 from monge.costs import AbstractCost
-from monge.geometry import CostMatrix, PointCloud
+from monge.geometry import AbstractGeometry, CostMatrix, PointCloud
 from monge.problems import LinearProblem
-from monge.solution import Solution
+from monge.solution import PlanSolution, Solution
 from monge.solvers import ImplicitAdjoint, Sinkhorn, UnrolledAdjoint
+from monge.solvers.exact import Exact, check_balanced
+from monge.solvers.partial import PartialExact, PartialProblem, PartialSinkhorn
 
 __all__ = ["solve", "solve_matrix"]
 
 
-def _solver(threshold, max_iterations, implicit_diff, progress) -> Sinkhorn:
+def _is_zero(epsilon) -> bool:
+    """Whether `epsilon` is a concrete 0 (exact OT); a traced epsilon is entropic."""
+    value = None if epsilon is None else _checks.concrete(epsilon)
+    return value is not None and value.ndim == 0 and float(value) == 0.0
+
+
+def _dispatch(geom: AbstractGeometry, a, b, epsilon, tau_a, tau_b, mass, threshold,
+              max_iterations, implicit_diff, progress, throw) -> Solution | PlanSolution:
+    exact = _is_zero(epsilon)
+    if exact or mass is not None:
+        online = getattr(geom, "online", None)
+        ignored = [name for name, used in (("implicit_diff=False", not implicit_diff),
+                                           ("progress=True", progress),
+                                           ("online=True", online is True)) if used]
+        if ignored:
+            kind = "exact OT (epsilon=0)" if mass is None else "partial OT (mass=...)"
+            raise ValueError(
+                f"{', '.join(ignored)} has no effect on {kind}, which stores the cost "
+                "matrix, reports no progress and differentiates through its duals; "
+                "remove the option(s), or use epsilon > 0 without `mass`."
+            )
+    if mass is not None:
+        if not (_is_one(tau_a) and _is_one(tau_b)):
+            raise ValueError(
+                f"Partial OT (mass=...) has hard inequality constraints on both marginals, "
+                f"so it needs tau_a = tau_b = 1; received tau_a={tau_a!r}, tau_b={tau_b!r}. "
+                "Drop `mass` for unbalanced OT, or drop tau_a/tau_b for partial OT."
+            )
+        problem = PartialProblem(geom, a, b, mass=mass, epsilon=None if exact else epsilon)
+        if exact:
+            return PartialExact(Exact(max_iterations=max_iterations))(problem, throw=throw)
+        extra = {} if max_iterations is None else {"max_iterations": max_iterations}
+        return PartialSinkhorn(threshold=threshold, **extra)(problem, throw=throw)
+    if exact:
+        check_balanced(tau_a, tau_b)
+        problem = LinearProblem(geom, a, b, tau_a=tau_a, tau_b=tau_b)
+        return Exact(max_iterations=max_iterations)(problem, throw=throw)
+    problem = LinearProblem(geom, a, b, epsilon=epsilon, tau_a=tau_a, tau_b=tau_b)
     adjoint = ImplicitAdjoint() if implicit_diff else UnrolledAdjoint()
-    return Sinkhorn(
-        threshold=threshold, max_iterations=max_iterations, adjoint=adjoint, progress=progress
+    solver = Sinkhorn(
+        threshold=threshold,
+        max_iterations=2000 if max_iterations is None else max_iterations,
+        adjoint=adjoint,
+        progress=progress,
     )
+    return solver(problem, throw=throw)
+
+
+def _is_one(tau) -> bool:
+    value = _checks.concrete(tau)
+    return value is None or bool(np.all(value == 1))
 
 
 def solve(
@@ -33,18 +86,23 @@ def solve(
     epsilon=None,
     tau_a=1.0,
     tau_b=1.0,
+    mass=None,
     threshold=1e-3,
-    max_iterations: int = 2000,
+    max_iterations: int | None = None,
     online: bool | None = None,
     implicit_diff: bool = True,
     progress: bool = False,
     throw: bool = False,
-) -> Solution:
-    r"""Entropic optimal transport between two point clouds.
+) -> Solution | PlanSolution:
+    r"""Optimal transport between two point clouds: entropic, exact or partial.
 
     Solves $\min_P \langle C, P\rangle + \varepsilon \mathrm{KL}(P\|ab^\top)$ (plus KL
     penalties on the marginals when `tau_a` or `tau_b` < 1) with $C_{ij} = c(x_i, y_j)$,
-    by log-domain Sinkhorn.
+    by log-domain Sinkhorn. With `epsilon=0`, solves the exact problem
+    $\min_{P\mathbf 1 = a, P^\top\mathbf 1 = b} \langle C, P\rangle$ by the network
+    simplex (`monge.solvers.exact.Exact`, needs POT: ``pip install "monge[exact]"``).
+    With `mass=m`, transports only the mass $m$ (partial OT, `monge.solvers.partial`):
+    exactly when `epsilon=0`, else with the entropy $\varepsilon\sum P\log P$.
 
     Args:
         x: source points, `(n, d)`. NumPy or JAX; integers are promoted to float.
@@ -56,26 +114,41 @@ def solve(
         epsilon: entropic regularisation; default $0.05 \times$ the mean cost
             $\sum a_i b_j |C_{ij}|$ (weights normalised), so results do not depend on
             the units of the data. Smaller is closer to exact OT but needs more
-            iterations. A new value does not recompile.
+            iterations. A new value does not recompile. ``0`` (a concrete number)
+            selects exact OT: a `PlanSolution` whose gradients are the plan (w.r.t.
+            the cost) and the dual potentials (w.r.t. the weights).
         tau_a, tau_b: unbalancedness in (0, 1]; 1 is balanced.
-            $\tau = \rho / (\rho + \varepsilon)$ for a KL marginal penalty of strength $\rho$.
-        threshold: stop when the L1 marginal error is below it (default 1e-3).
-        max_iterations: iteration budget (default 2000), rounded up to a multiple of
-            10 (the solver checks convergence every 10 iterations).
+            $\tau = \rho / (\rho + \varepsilon)$ for a KL marginal penalty of strength
+            $\rho$. Exact and partial OT need 1.
+        mass: if given, the mass $m \in (0, \min(\sum a, \sum b)]$ to transport
+            (partial OT; the masses of `a` and `b` may then differ).
+        threshold: stop when the L1 marginal error is below it (default 1e-3); for
+            partial entropic OT, its optimality residual relative to the mass. Unused by
+            exact OT.
+        max_iterations: iteration budget: Sinkhorn iterations (default 2000, rounded
+            up to a multiple of 10), network simplex pivots when `epsilon=0` (default
+            $10^7$), partial entropic sweeps (default 10 000).
         online: store the cost matrix (False) or recompute it in blocks (True, memory
-            $O(n + m)$ per block row); default: online above $2^{25}$ entries.
+            $O(n + m)$ per block row); default: online above $2^{25}$ entries. Exact
+            and partial OT always store the cost matrix (`online=True` is an error).
         implicit_diff: gradients by implicit differentiation (default) or by unrolling
-            the iterations (False).
-        progress: print iterations and error to stderr while solving.
+            the iterations (False). Entropic OT only (False is an error otherwise).
+        progress: print iterations and error to stderr while solving (entropic OT only;
+            True is an error otherwise).
         throw: raise instead of returning a non-converged solution.
 
     Returns:
         A `Solution` with `f`, `g`, `plan`, `apply`, `cost`, `reg_cost`, `converged`,
-        `n_iters`, `errors`, `status`, `transport`.
+        `n_iters`, `errors`, `status`, `transport`; for exact or partial OT a
+        `PlanSolution` (`plan`, `f`, `g`, `apply`, `cost`, `reg_cost`, `converged`,
+        `n_iters`, `error`, `status`).
 
     Raises:
         ValueError: for inputs of the wrong shape, NaN/inf values, negative weights,
-            unequal masses in a balanced problem, epsilon <= 0 or tau outside (0, 1].
+            unequal masses in a balanced problem, epsilon < 0, tau outside (0, 1], tau
+            < 1 with epsilon=0 or with `mass`, `mass` outside $(0, \min(\sum a, \sum
+            b)]$.
+        ImportError: `epsilon=0` without POT installed.
 
     Example:
         >>> import numpy as np, monge
@@ -84,10 +157,13 @@ def solve(
         >>> sol = monge.solve(x, y, epsilon=0.1)
         >>> bool(sol.converged), sol.plan.shape
         (True, (7, 11))
+        >>> exact = monge.solve(x, y, epsilon=0)
+        >>> bool(exact.converged), bool(exact.cost <= sol.cost)
+        (True, True)
     """
     geom = PointCloud(x, y, cost, online=online)
-    problem = LinearProblem(geom, a, b, epsilon=epsilon, tau_a=tau_a, tau_b=tau_b)
-    return _solver(threshold, max_iterations, implicit_diff, progress)(problem, throw=throw)
+    return _dispatch(geom, a, b, epsilon, tau_a, tau_b, mass, threshold, max_iterations,
+                     implicit_diff, progress, throw)
 
 
 def solve_matrix(
@@ -98,16 +174,17 @@ def solve_matrix(
     epsilon=None,
     tau_a=1.0,
     tau_b=1.0,
+    mass=None,
     threshold=1e-3,
-    max_iterations: int = 2000,
+    max_iterations: int | None = None,
     implicit_diff: bool = True,
     progress: bool = False,
     throw: bool = False,
-) -> Solution:
-    r"""Entropic optimal transport for a given `(n, m)` cost matrix `C`.
+) -> Solution | PlanSolution:
+    r"""Optimal transport (entropic, exact or partial) for a given `(n, m)` cost matrix.
 
-    Same problem, arguments and defaults as `solve` (epsilon defaults to 0.05 times the
-    mean of $|C|$ under $a b^\top$).
+    Same problems, arguments and defaults as `solve` (epsilon defaults to 0.05 times the
+    mean of $|C|$ under $a b^\top$; `epsilon=0` is exact OT; `mass=m` partial OT).
 
     Example:
         >>> import numpy as np, monge
@@ -115,6 +192,11 @@ def solve_matrix(
         >>> sol = monge.solve_matrix(C, epsilon=0.01)
         >>> np.round(np.asarray(sol.plan), 3).tolist()
         [[0.5, 0.0], [0.0, 0.5]]
+        >>> monge.solve_matrix(C, epsilon=0).plan.tolist()
+        [[0.5, 0.0], [0.0, 0.5]]
+        >>> partial = monge.solve_matrix(C, epsilon=0, mass=0.5)
+        >>> round(float(partial.plan.sum()), 6), float(partial.cost)
+        (0.5, 0.0)
     """
-    problem = LinearProblem(CostMatrix(C), a, b, epsilon=epsilon, tau_a=tau_a, tau_b=tau_b)
-    return _solver(threshold, max_iterations, implicit_diff, progress)(problem, throw=throw)
+    return _dispatch(CostMatrix(C), a, b, epsilon, tau_a, tau_b, mass, threshold,
+                     max_iterations, implicit_diff, progress, throw)

@@ -1,0 +1,325 @@
+r"""Partial optimal transport: move a chosen amount of mass $m$, at least cost.
+
+$$\mathrm{POT}_m(a, b) = \min_{P \ge 0,\ P\mathbf 1 \le a,\ P^\top\mathbf 1 \le b,\
+\mathbf 1^\top P \mathbf 1 = m}\ \langle C, P\rangle \;(+\ \varepsilon \textstyle\sum_{ij}
+P_{ij}\log P_{ij}),\qquad 0 < m \le \min(\textstyle\sum a, \sum b).$$
+
+- `PartialExact` ($\varepsilon = 0$): the dummy-point reduction of Chapel, Alaya &
+  Gasso (2020): add a dummy source of mass $\sum b - m$ and a dummy target of mass
+  $\sum a - m$, at cost 0 to every real point and cost $A > \max |C| \ge -\min C$
+  between themselves, so no mass flows dummy-to-dummy and exactly $m$ flows between
+  real points; the balanced problem is solved by `Exact` (any of its methods).
+- `PartialSinkhorn` ($\varepsilon > 0$): block coordinate ascent on the dual
+  (Benamou, Carlier, Cuturi, Nenna & Peyré, 2015, iterative Bregman projections;
+  Dykstra's corrections are the capped potentials below), in the log domain, stable in
+  float32. With $P_{ij} = e^{(f_i + g_j + c - C_{ij})/\varepsilon}$:
+
+  $$f_i \leftarrow \min\bigl(0,\ \varepsilon\log a_i - \varepsilon\log\textstyle\sum_j
+  e^{(g_j + c - C_{ij})/\varepsilon}\bigr),\quad g \text{ alike},\quad c \leftarrow
+  \varepsilon \log m - \varepsilon \log \textstyle\sum_{ij} e^{(f_i + g_j - C_{ij})/
+  \varepsilon}.$$
+
+  The objective is POT's (`ot.partial.entropic_partial_wasserstein`): the entropy is
+  $\sum P \log P$, not relative to $a b^\top$.
+
+Both return a `PlanSolution`. The entropic problem's returned `f`, `g` include half
+of the mass multiplier $c$ each, so that $P_{ij} = e^{(f_i + g_j - C_{ij})/
+\varepsilon}$.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from monge import _checks
+from monge.geometry import AbstractGeometry, CostMatrix, PointCloud, as_float_array
+from monge.problems import DEFAULT_RELATIVE_EPSILON
+from monge.solution import MESSAGES, PlanSolution, Status
+from monge.solvers.exact import Exact, solve_arrays
+
+__all__ = ["PartialProblem", "PartialExact", "PartialSinkhorn"]
+
+
+class PartialProblem(eqx.Module):
+    r"""A partial OT problem: transport mass `mass` between `a` and `b`.
+
+    Args:
+        geom: the geometry (cost between the two supports).
+        a, b: non-negative weights (uniform $1/n$, $1/m$ if omitted); their totals may
+            differ.
+        mass: the mass $m$ to transport, $0 < m \le \min(\sum a, \sum b)$. Traced.
+        epsilon: entropic regularisation for `PartialSinkhorn` (unused by
+            `PartialExact`); default $0.05\,\bar c$ with $\bar c$ the mean $|C|$ under
+            $a b^\top / (\sum a \sum b)$, as for `LinearProblem`. Traced.
+
+    Raises:
+        ValueError: weights of the wrong length, negative, NaN or with zero total;
+            `mass` outside $(0, \min(\sum a, \sum b)]$; epsilon $< 0$; non-finite costs.
+    """
+
+    geom: AbstractGeometry
+    a: Float[Array, " n"]
+    b: Float[Array, " m"]
+    mass: Float[Array, ""]
+    epsilon: Float[Array, ""] | None
+
+    def __init__(self, geom, a=None, b=None, *, mass, epsilon=None):
+        n, m = geom.shape
+        dtype = geom.x.dtype if isinstance(geom, PointCloud) else geom.cost_matrix().dtype
+        self.geom = geom
+        self.a = jnp.full((n,), 1.0 / n, dtype) if a is None else as_float_array(a)
+        self.b = jnp.full((m,), 1.0 / m, dtype) if b is None else as_float_array(b)
+        self.mass = as_float_array(mass)
+        self.epsilon = None if epsilon is None else as_float_array(epsilon)
+        self._check()
+
+    def _check(self):
+        n, m = self.geom.shape
+        if isinstance(self.geom, PointCloud):
+            _checks.check_points("x", self.geom.x)
+            _checks.check_points("y", self.geom.y)
+        elif isinstance(self.geom, CostMatrix):
+            _checks.check_points("C", self.geom.C)
+        _checks.check_weights("a", self.a, n, "the source (rows)")
+        _checks.check_weights("b", self.b, m, "the target (columns)")
+        for name in ("mass", "epsilon"):
+            value = getattr(self, name)
+            if value is not None and value.ndim != 0:
+                raise ValueError(f"`{name}` must be a scalar; received shape {tuple(value.shape)}.")
+        mc, ac, bc = (_checks.concrete(z) for z in (self.mass, self.a, self.b))
+        if mc is not None and ac is not None and bc is not None:
+            top = min(float(ac.sum()), float(bc.sum()))
+            if not (np.isfinite(mc) and 0 < mc <= top * (1 + 1e-6)):
+                raise ValueError(
+                    f"`mass` must lie in (0, min(sum(a), sum(b))] = (0, {top:.6g}]; received "
+                    f"{float(mc):.6g}. Pass the mass to transport: a positive number no larger "
+                    "than the smaller total weight."
+                )
+        ec = None if self.epsilon is None else _checks.concrete(self.epsilon)
+        if ec is not None and not (np.isfinite(ec) and ec >= 0):
+            raise ValueError(
+                f"`epsilon` must be non-negative and finite; received {ec!r}. Use 0 for "
+                "exact partial OT (PartialExact), epsilon > 0 for PartialSinkhorn."
+            )
+
+    def resolved_epsilon(self) -> Float[Array, ""]:
+        """The epsilon used by `PartialSinkhorn`: the given one, or the default."""
+        if self.epsilon is not None:
+            return self.epsilon
+        C = self.geom.cost_matrix()
+        scale = self.a @ (jnp.abs(C) @ self.b) / (jnp.sum(self.a) * jnp.sum(self.b))
+        return jnp.where(scale > 0, DEFAULT_RELATIVE_EPSILON * scale, 1.0)
+
+
+def _check_problem(solver_name: str, problem) -> None:
+    if not isinstance(problem, PartialProblem):
+        raise ValueError(
+            f"`{solver_name}` solves a monge.solvers.partial.PartialProblem; received "
+            f"{type(problem).__name__}."
+        )
+
+
+def _traced_checks(problem: PartialProblem):
+    a, b, mass = problem.a, problem.b, problem.mass
+    bad = lambda w: jnp.any(~jnp.isfinite(w)) | jnp.any(w < 0) | ~(jnp.sum(w) > 0)  # noqa: E731
+    a = eqx.error_if(a, bad(a), "`a` must be finite, non-negative weights with a positive sum.")
+    b = eqx.error_if(b, bad(b), "`b` must be finite, non-negative weights with a positive sum.")
+    top = jnp.minimum(jnp.sum(a), jnp.sum(b))
+    mass = eqx.error_if(
+        mass,
+        ~((mass > 0) & (mass <= top * (1 + 1e-6))),
+        "`mass` must lie in (0, min(sum(a), sum(b))].",
+    )
+    return a, b, jnp.minimum(mass, top)
+
+
+def _finish(problem, plan, f, g, reg_cost, n_iters, error, status, throw):
+    converged = status == Status.CONVERGED
+    if throw:
+        messages = tuple(MESSAGES[s] for s in Status)
+        plan = eqx.branched_error_if(plan, status != Status.CONVERGED, status, messages)
+    return PlanSolution(problem, plan, f, g, reg_cost, n_iters, error, converged, status)
+
+
+class PartialExact(eqx.Module):
+    r"""Exact partial OT by the dummy-point reduction (Chapel et al., 2020).
+
+    Args:
+        exact: the `Exact` solver of the augmented balanced problem (default: network
+            simplex; ``Exact(method="sinkhorn_rounding")`` runs in pure JAX).
+
+    Returns (from `__call__(problem, throw=False)`) a `PlanSolution` whose `plan` moves
+    exactly `problem.mass`, `f`, `g` the augmented problem's potentials restricted to the
+    real points, `reg_cost` $= \langle C, P\rangle$ (gradients as in `Exact`; with
+    respect to the mass, minus the two dummies' potentials), `error`/`status` of the
+    augmented solve.
+
+    Reference: Chapel, Alaya & Gasso (2020), "Partial optimal transport with applications
+    on positive-unlabeled learning", NeurIPS.
+
+    Example:
+        >>> import jax.numpy as jnp, monge
+        >>> from monge.solvers.partial import PartialExact, PartialProblem
+        >>> C = jnp.array([[0.0, 1.0], [1.0, 5.0]])
+        >>> sol = PartialExact()(PartialProblem(monge.CostMatrix(C), mass=0.5))
+        >>> sol.plan.tolist(), float(sol.cost)
+        ([[0.5, 0.0], [0.0, 0.0]], 0.0)
+    """
+
+    exact: Exact = eqx.field(default_factory=Exact)
+
+    def __check_init__(self):
+        if not isinstance(self.exact, Exact) or self.exact.method == "assignment":
+            raise ValueError(
+                "`exact` must be an Exact solver with method 'network_simplex' or "
+                f"'sinkhorn_rounding' (the augmented problem is not an assignment); "
+                f"received {self.exact!r}."
+            )
+
+    def __call__(self, problem: PartialProblem, *, throw: bool = False) -> PlanSolution:
+        _check_problem("PartialExact", problem)
+        self.exact.check_method(problem.a, problem.b)
+        return _solve_exact(self, problem, throw)
+
+
+@eqx.filter_jit
+def _solve_exact(solver: PartialExact, problem: PartialProblem, throw: bool) -> PlanSolution:
+    C = problem.geom.cost_matrix()
+    a, b, mass = _traced_checks(problem)
+    n, m = C.shape
+    top = jax.lax.stop_gradient(jnp.max(jnp.abs(C)))
+    dummy = jnp.where(top > 0, 2 * top, 1.0)  # > -min C: dummy-to-dummy never pays
+    C_ext = jnp.pad(C, ((0, 1), (0, 1))).at[n, m].set(dummy)
+    a_ext = jnp.concatenate([a, (jnp.sum(b) - mass)[None]]).astype(C.dtype)
+    b_ext = jnp.concatenate([b, (jnp.sum(a) - mass)[None]]).astype(C.dtype)
+    a_ext, b_ext = jnp.maximum(a_ext, 0.0), jnp.maximum(b_ext, 0.0)
+    plan, f, g, reg_cost, n_iters, error, status = solve_arrays(solver.exact, C_ext, a_ext, b_ext)
+    return _finish(problem, plan[:n, :m], f[:n], g[:m], reg_cost, n_iters, error, status, throw)
+
+
+class PartialSinkhorn(eqx.Module):
+    r"""Entropic partial OT, log-domain block coordinate ascent (Benamou et al., 2015).
+
+    Args:
+        threshold: stop when the optimality residual, relative to the mass, is below
+            this (default $10^{-4}$): $\sum_i \rho_i + \sum_j \sigma_j$ with $\rho_i =
+            |a_i - (P\mathbf 1)_i|$ where the row constraint is active ($f_i < 0$) and
+            its violation $((P\mathbf 1)_i - a_i)_+$ elsewhere; $\sigma$ alike. Traced.
+        max_iterations: at most this many sweeps (rounded up to a multiple of
+            `inner_iterations`, default 10 000). Static.
+        inner_iterations: sweeps between two convergence checks. Static.
+
+    `__call__(problem, throw=False)` returns a `PlanSolution`; `reg_cost` is
+    $\langle C, P\rangle + \varepsilon \sum P\log P$ and is differentiable (envelope
+    theorem: $\partial/\partial C = P$, $\partial/\partial a = f$, $\partial/\partial
+    m = c + \varepsilon$, $\partial/\partial\varepsilon = \sum P\log P$). `plan`, `f`
+    and `g` are returned without gradient (so `cost` only differentiates the explicit
+    $C$ in $\langle C, P\rangle$); implicit differentiation of the plan is not done.
+
+    Reference: Benamou, Carlier, Cuturi, Nenna & Peyré (2015), "Iterative Bregman
+    projections for regularized transportation problems", SIAM J. Sci. Comput.
+
+    Example:
+        >>> import jax.numpy as jnp, monge
+        >>> from monge.solvers.partial import PartialProblem, PartialSinkhorn
+        >>> C = jnp.array([[0.0, 1.0], [1.0, 5.0]])
+        >>> sol = PartialSinkhorn()(PartialProblem(monge.CostMatrix(C), mass=0.5, epsilon=0.05))
+        >>> bool(sol.converged), round(float(sol.plan.sum()), 4)
+        (True, 0.5)
+    """
+
+    threshold: float = eqx.field(default=1e-4, converter=as_float_array)
+    max_iterations: int = eqx.field(default=10_000, static=True)
+    inner_iterations: int = eqx.field(default=10, static=True)
+
+    def __check_init__(self):
+        for name in ("max_iterations", "inner_iterations"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"`{name}` must be a positive integer; received {value!r}.")
+        _checks.check_positive("threshold", self.threshold, "Typical values: 1e-2 to 1e-8.")
+
+    def __call__(self, problem: PartialProblem, *, throw: bool = False) -> PlanSolution:
+        _check_problem("PartialSinkhorn", problem)
+        ec = None if problem.epsilon is None else _checks.concrete(problem.epsilon)
+        if ec is not None and not ec > 0:
+            raise ValueError(
+                f"`PartialSinkhorn` needs epsilon > 0; received {float(ec)!r}. Use "
+                "PartialExact for epsilon = 0."
+            )
+        return _solve_entropic(self, problem, throw)
+
+
+@eqx.filter_jit
+def _solve_entropic(solver: PartialSinkhorn, problem: PartialProblem, throw: bool):
+    C = problem.geom.cost_matrix()
+    a, b, mass = _traced_checks(problem)
+    eps = problem.resolved_epsilon().astype(C.dtype)
+    eps = eqx.error_if(eps, ~(eps > 0) | ~jnp.isfinite(eps), "`epsilon` must be positive.")
+    theta = jax.lax.stop_gradient((C, a, b, mass, eps))
+    (f, g, c), n_iters, error = _ascent(solver, *theta)
+    status = jnp.where(
+        error <= solver.threshold,
+        Status.CONVERGED,
+        jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED),
+    ).astype(jnp.int32)
+    log_plan = _log_plan(f, g, c, *theta[:3], eps=theta[4])
+    plan = jnp.exp(log_plan)
+    entropy = jnp.sum(jnp.where(plan > 0, plan * log_plan, 0.0))
+    primal = jnp.sum(plan * theta[0]) + theta[4] * entropy
+
+    def dual(C, a, b, mass, eps):  # + eps * mass: equals the primal at the optimum
+        total = jnp.sum(jnp.exp(_log_plan(f, g, c, C, a, b, eps)))
+        return f @ a + g @ b + c * mass - eps * total + eps * mass
+
+    value = dual(C, a, b, mass, eps)
+    reg_cost = primal + value - jax.lax.stop_gradient(value)
+    return _finish(problem, plan, f + c / 2, g + c / 2, reg_cost, n_iters, error, status, throw)
+
+
+def _log_plan(f, g, c, C, a, b, eps):
+    """$\\log P$, $-\\infty$ on rows and columns of zero weight."""
+    s = (f[:, None] + g[None, :] + c - C) / eps
+    return jnp.where((a[:, None] > 0) & (b[None, :] > 0), s, -jnp.inf)
+
+
+def _ascent(solver: PartialSinkhorn, C, a, b, mass, eps):
+    """Returns `((f, g, c), n_iters, error)`."""
+    log_a = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), 0.0)
+    log_b = jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1.0)), 0.0)
+    lse = jax.nn.logsumexp
+
+    def sweep(carry, _):
+        f, g, c = carry
+        rows = lse(_log_plan(jnp.zeros_like(f), g, c, C, a, b, eps), axis=1)
+        f = jnp.where(a > 0, jnp.minimum(0.0, eps * (log_a - rows)), 0.0)
+        cols = lse(_log_plan(f, jnp.zeros_like(g), c, C, a, b, eps), axis=0)
+        g = jnp.where(b > 0, jnp.minimum(0.0, eps * (log_b - cols)), 0.0)
+        c = eps * (jnp.log(mass) - lse(_log_plan(f, g, 0.0, C, a, b, eps)))
+        return (f, g, c), None
+
+    def residual(f, g, c):
+        P = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
+        r, col = jnp.sum(P, axis=1), jnp.sum(P, axis=0)
+        rows = jnp.where(f < 0, jnp.abs(a - r), jnp.maximum(r - a, 0.0))
+        cols = jnp.where(g < 0, jnp.abs(b - col), jnp.maximum(col - b, 0.0))
+        err = (jnp.sum(rows) + jnp.sum(cols) + jnp.abs(jnp.sum(P) - mass)) / mass
+        return jnp.where(jnp.isnan(err), jnp.inf, err)
+
+    def block(state):
+        pots, it, _ = state
+        pots, _ = jax.lax.scan(sweep, pots, None, solver.inner_iterations)
+        return pots, it + solver.inner_iterations, residual(*pots)
+
+    def running(state):
+        _, it, err = state
+        first = it == 0
+        return first | ((it < solver.max_iterations) & (err > solver.threshold) & jnp.isfinite(err))
+
+    zero = jnp.zeros((), C.dtype)
+    state = ((jnp.zeros_like(a), jnp.zeros_like(b), zero), jnp.asarray(0), zero + jnp.inf)
+    return jax.lax.while_loop(running, block, state)
