@@ -43,6 +43,11 @@ class AbstractGeometry(eqx.Module):
     def shape(self) -> tuple[int, int]:
         """`(n, m)`: the number of points of the two supports."""
 
+    @property
+    @abc.abstractmethod
+    def dtype(self):
+        """The floating dtype of the cost."""
+
     @abc.abstractmethod
     def cost_matrix(self) -> Float[Array, "n m"]:
         """The dense `(n, m)` cost matrix (materialised)."""
@@ -124,6 +129,10 @@ class CostMatrix(AbstractGeometry):
     def shape(self):
         return tuple(self.C.shape)
 
+    @property
+    def dtype(self):
+        return self.C.dtype
+
     def cost_matrix(self):
         return self.C
 
@@ -184,6 +193,10 @@ class PointCloud(AbstractGeometry):
     @property
     def shape(self):
         return (self.x.shape[0], self.y.shape[0])
+
+    @property
+    def dtype(self):
+        return self.x.dtype
 
     @property
     def is_online(self) -> bool:

@@ -60,25 +60,14 @@ class LinearProblem(eqx.Module):
     tau_b: Float[Array, ""]
 
     def __init__(self, geom, a=None, b=None, *, epsilon=None, tau_a=1.0, tau_b=1.0):
-        n, m = geom.shape
-        dtype = _dtype_of(geom)
         self.geom = geom
-        self.a = jnp.full((n,), 1.0 / n, dtype) if a is None else as_float_array(a)
-        self.b = jnp.full((m,), 1.0 / m, dtype) if b is None else as_float_array(b)
+        self.a, self.b = checked_marginals(geom, a, b)
         self.epsilon = _optional_array(epsilon)
         self.tau_a = as_float_array(tau_a)
         self.tau_b = as_float_array(tau_b)
         self._check()
 
     def _check(self):
-        n, m = self.geom.shape
-        if isinstance(self.geom, PointCloud):
-            _checks.check_points("x", self.geom.x)
-            _checks.check_points("y", self.geom.y)
-        elif isinstance(self.geom, CostMatrix):
-            _checks.check_points("C", self.geom.C)
-        _checks.check_weights("a", self.a, n, "the source (rows)")
-        _checks.check_weights("b", self.b, m, "the target (columns)")
         if self.epsilon is not None:
             if self.epsilon.ndim != 0:
                 raise ValueError(
@@ -115,9 +104,17 @@ def default_epsilon(geom: AbstractGeometry, a: Array, b: Array) -> Float[Array, 
     return jnp.where(scale > 0, DEFAULT_RELATIVE_EPSILON * scale, 1.0)
 
 
-def _dtype_of(geom: AbstractGeometry):
+def checked_marginals(geom: AbstractGeometry, a, b) -> tuple[Array, Array]:
+    """The weights `(a, b)` (uniform where omitted), after checking them and the
+    geometry's points or costs (`ValueError`s that say how to fix the input)."""
+    n, m = geom.shape
     if isinstance(geom, PointCloud):
-        return geom.x.dtype
-    if isinstance(geom, CostMatrix):
-        return geom.C.dtype
-    return jnp.result_type(float)
+        _checks.check_points("x", geom.x)
+        _checks.check_points("y", geom.y)
+    elif isinstance(geom, CostMatrix):
+        _checks.check_points("C", geom.C)
+    a = jnp.full((n,), 1.0 / n, geom.dtype) if a is None else as_float_array(a)
+    b = jnp.full((m,), 1.0 / m, geom.dtype) if b is None else as_float_array(b)
+    _checks.check_weights("a", a, n, "the source (rows)")
+    _checks.check_weights("b", b, m, "the target (columns)")
+    return a, b

@@ -30,10 +30,11 @@ class Status(enum.IntEnum):
 
 
 MESSAGES = {
-    Status.CONVERGED: "converged: the marginal error fell below the threshold",
+    Status.CONVERGED: "converged: the solver's error fell below its threshold",
     Status.MAX_ITERATIONS: (
-        "not converged: max_iterations was reached before the marginal error fell below "
-        "the threshold; increase max_iterations or epsilon, or relax the threshold"
+        "not converged: max_iterations was reached (or the solver stalled) before its "
+        "error fell below the threshold; increase max_iterations or the regularisation "
+        "(epsilon, gamma), or relax the threshold"
     ),
     Status.DIVERGED: (
         "diverged: non-finite values (NaN or inf) appeared; check the inputs for NaN/inf, "

@@ -36,8 +36,8 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from monge import _checks
-from monge.geometry import AbstractGeometry, CostMatrix, PointCloud, as_float_array
-from monge.problems import DEFAULT_RELATIVE_EPSILON
+from monge.geometry import AbstractGeometry, as_float_array
+from monge.problems import DEFAULT_RELATIVE_EPSILON, checked_marginals
 from monge.solution import MESSAGES, PlanSolution, Status
 from monge.solvers.exact import Exact, solve_arrays
 
@@ -68,24 +68,13 @@ class PartialProblem(eqx.Module):
     epsilon: Float[Array, ""] | None
 
     def __init__(self, geom, a=None, b=None, *, mass, epsilon=None):
-        n, m = geom.shape
-        dtype = geom.x.dtype if isinstance(geom, PointCloud) else geom.cost_matrix().dtype
         self.geom = geom
-        self.a = jnp.full((n,), 1.0 / n, dtype) if a is None else as_float_array(a)
-        self.b = jnp.full((m,), 1.0 / m, dtype) if b is None else as_float_array(b)
+        self.a, self.b = checked_marginals(geom, a, b)
         self.mass = as_float_array(mass)
         self.epsilon = None if epsilon is None else as_float_array(epsilon)
         self._check()
 
     def _check(self):
-        n, m = self.geom.shape
-        if isinstance(self.geom, PointCloud):
-            _checks.check_points("x", self.geom.x)
-            _checks.check_points("y", self.geom.y)
-        elif isinstance(self.geom, CostMatrix):
-            _checks.check_points("C", self.geom.C)
-        _checks.check_weights("a", self.a, n, "the source (rows)")
-        _checks.check_weights("b", self.b, m, "the target (columns)")
         for name in ("mass", "epsilon"):
             value = getattr(self, name)
             if value is not None and value.ndim != 0:
