@@ -1,5 +1,24 @@
+import logging
+
+import jax
 import numpy as np
 import pytest
+
+
+def compile_log(fn) -> list[str]:
+    """Run `fn()` with `jax.log_compiles` on; return every message JAX logged meanwhile
+    (tests filter them, e.g. for "Compiling" and the jitted function's name)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            fn()
+    finally:
+        logger.removeHandler(handler)
+    return [r.getMessage() for r in records]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import ot
 import pytest
-from conftest import sqdist
+from conftest import sqdist, compile_log
 from scipy.optimize import linear_sum_assignment
 
 import monge
@@ -231,19 +231,7 @@ def test_missing_pot_says_how_to_install(clouds, monkeypatch):
 
 
 def _compiles_during(fn, name):
-    import logging
-
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("jax")
-    with jax.log_compiles(True):
-        logger.addHandler(handler)
-        try:
-            fn()
-        finally:
-            logger.removeHandler(handler)
-    return [r.getMessage() for r in records if "Compiling" in r.getMessage() and name in r.getMessage()]
+    return [m for m in compile_log(fn) if "Compiling" in m and name in m]
 
 
 def test_new_data_and_threshold_do_not_recompile(clouds):

@@ -6,7 +6,6 @@ the entropic transport cost <C, P> of POT's `ot.sinkhorn2`; k = 1, which bounds 
 fixed 1-D projection's exact OT (`ot.emd2`) from above.
 """
 
-import logging
 
 import equinox as eqx
 import jax
@@ -17,6 +16,7 @@ import pytest
 
 from monge.tools.prw import projection_robust_wasserstein as prw
 from monge.tools.prw import second_moment
+from conftest import compile_log
 from scipy.spatial.distance import cdist
 
 
@@ -137,18 +137,11 @@ def test_jit_with_traced_numbers_does_not_retrace(cube):
 def test_new_numbers_do_not_recompile(cube):
     x, y = (np.asarray(v[:20], np.float32) for v in cube)
     prw(x, y, k=2, epsilon=0.3, step_size=0.2, key=jax.random.key(0), n_steps=5)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
-    try:
-        with jax.log_compiles(True):
-            prw(x, y, k=2, epsilon=0.5, step_size=0.1, threshold=1e-4, key=jax.random.key(1),
-                n_steps=5)
-    finally:
-        logger.removeHandler(handler)
-    compiled = [r.getMessage() for r in records if "Compiling" in r.getMessage()]
+    def again():
+        prw(x, y, k=2, epsilon=0.5, step_size=0.1, threshold=1e-4, key=jax.random.key(1),
+            n_steps=5)
+
+    compiled = [m for m in compile_log(again) if "Compiling" in m]
     assert not compiled, compiled
 
 

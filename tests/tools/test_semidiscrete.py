@@ -7,7 +7,6 @@ sum_j int_{cell j} (x - y_j)^2 dx. For epsilon > 0 the semi-dual is maximised by
 (scipy) on a 20 000-point midpoint quadrature of [0, 1], in float64.
 """
 
-import logging
 
 import equinox as eqx
 import jax
@@ -18,6 +17,7 @@ from scipy import optimize
 from scipy.special import logsumexp
 
 from monge.tools.semidiscrete import semidiscrete
+from conftest import compile_log
 
 Y = np.array([0.1, 0.5, 0.8])
 B = np.array([0.3, 0.5, 0.2])
@@ -162,17 +162,7 @@ def test_new_numbers_do_not_recompile():
                             key=jax.random.key(key), n_steps=20, n_eval=100)
 
     fit(0.0, 0.1, 0)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
-    try:
-        with jax.log_compiles(True):
-            fit(0.05, 0.3, 1)
-    finally:
-        logger.removeHandler(handler)
-    compiled = [r.getMessage() for r in records if "Compiling" in r.getMessage()]
+    compiled = [m for m in compile_log(lambda: fit(0.05, 0.3, 1)) if "Compiling" in m]
     assert not compiled, compiled
 
 
