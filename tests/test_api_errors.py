@@ -55,8 +55,8 @@ def test_other_constructors_reject_bad_input():
         monge.PointCloud(X, Y, chunk_size=0)
     with pytest.raises(ValueError, match=r"`Sinkhorn` solves a monge.LinearProblem"):
         monge.Sinkhorn()(X)
-    with pytest.raises(ValueError, match=r"`initializer` must be 'zeros' or 'gaussian'; received 'sorting'"):
-        monge.Sinkhorn(initializer="sorting")
+    with pytest.raises(ValueError, match=r"`initializer` must be one of 'zeros', 'gaussian'; received 'nope'"):
+        monge.Sinkhorn(initializer="nope")
     with pytest.raises(ValueError, match=r"`initializer='gaussian'` needs a point-cloud problem with the squared Euclidean cost; received a CostMatrix"):
         monge.Sinkhorn(initializer="gaussian")(monge.LinearProblem(monge.CostMatrix(np.ones((2, 3)))))
     with pytest.raises(ValueError, match=r"received a PointCloud with cost Euclidean"):

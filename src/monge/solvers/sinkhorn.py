@@ -26,10 +26,10 @@ import jax.numpy as jnp
 from monge import _checks
 from jaxtyping import Array
 
-from monge.costs import SqEuclidean
-from monge.geometry import AbstractGeometry, CostMatrix, PointCloud, as_float_array
+from monge.geometry import AbstractGeometry, CostMatrix, as_float_array
 from monge.problems import LinearProblem, default_epsilon
 from monge.solution import MESSAGES, Solution, Status, safe_log
+from monge.solvers import initializers
 from monge.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint
 
 __all__ = ["Sinkhorn"]
@@ -88,10 +88,7 @@ class Sinkhorn(eqx.Module):
     initializer: str = eqx.field(default="zeros", static=True)
 
     def __check_init__(self):
-        if self.initializer not in ("zeros", "gaussian"):
-            raise ValueError(
-                f"`initializer` must be 'zeros' or 'gaussian'; received {self.initializer!r}."
-            )
+        initializers.check_name(self.initializer)
         if self.mode not in ("auto", "log", "kernel"):
             raise ValueError(
                 f"`mode` must be 'auto', 'log' or 'kernel'; received {self.mode!r}."
@@ -121,15 +118,7 @@ class Sinkhorn(eqx.Module):
             raise ValueError(
                 f"`Sinkhorn` solves a monge.LinearProblem; received {type(problem).__name__}."
             )
-        if self.initializer == "gaussian" and not (
-            isinstance(problem.geom, PointCloud) and isinstance(problem.geom.cost, SqEuclidean)
-        ):
-            raise ValueError(
-                "`initializer='gaussian'` needs a point-cloud problem with the squared "
-                f"Euclidean cost; received a {type(problem.geom).__name__}"
-                + (f" with cost {type(problem.geom.cost).__name__}" if isinstance(problem.geom, PointCloud) else "")
-                + ". Use initializer='zeros'."
-            )
+        initializers.check_applicable(self.initializer, problem.geom)
         return _solve(self, problem, throw)
 
     # -- iterations -------------------------------------------------------------------
@@ -184,11 +173,12 @@ class Sinkhorn(eqx.Module):
             return (it == 0) | (budget & unfinished & jnp.isfinite(err))
 
         steps = _Steps(geom, a, b, start, tau_a, tau_b, inner)
-        if self.initializer == "gaussian":
-            f0 = gaussian_potential(theta[0].x, theta[0].y, a, b)
-            g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
-        else:
+        f0 = initializers.initial_potential(self.initializer, theta[0], a, b, start)
+        if f0 is None:
             f0, g0 = jnp.zeros((n,), dtype), jnp.zeros((m,), dtype)
+        else:  # the start only changes the path, never the fixed point or its gradient
+            f0 = jax.lax.stop_gradient(f0.astype(dtype))
+            g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
         potentials = (f0, g0, steps.f_hat(g0))
         state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype))
         if unrolled:
@@ -272,34 +262,6 @@ class _Steps(eqx.Module):
         residual = self.a * (jnp.exp(-(1 - tau_a) / (tau_a * eps) * f) - jnp.exp((f - f_hat) / eps))
         err = jnp.sum(jnp.abs(residual))
         return jnp.where(jnp.isnan(err), jnp.inf, err)
-
-
-def gaussian_potential(x, y, a, b):
-    r"""Dual potential $f_0(x) = \|x\|^2 - (x - m_0)^\top A (x - m_0) - 2\langle m_1,
-    x\rangle$ of the Brenier map $T(x) = m_1 + A(x - m_0)$ between Gaussian fits
-    $N(m_0, \Sigma_0)$, $N(m_1, \Sigma_1)$ of the weighted clouds, for the cost
-    $\|x - y\|^2$, with $A = \Sigma_0^{-1/2}(\Sigma_0^{1/2}\Sigma_1\Sigma_0^{1/2})^{1/2}
-    \Sigma_0^{-1/2}$ (Thornton & Cuturi, 2022). Computed on points centred at the mean of
-    `y` (the cost is translation invariant; float32 does not cancel). $\Sigma_0$ gets a
-    small ridge, so fewer points than dimensions are fine.
-    """
-    centre = jnp.mean(y, axis=0)
-    x, y = x - centre, y - centre
-    a, b = a / jnp.sum(a), b / jnp.sum(b)
-    m0, m1 = a @ x, b @ y
-    d = x.shape[1]
-    s0 = (x - m0).T @ ((x - m0) * a[:, None])
-    s1 = (y - m1).T @ ((y - m1) * b[:, None])
-    s0 = s0 + 1e-6 * (jnp.trace(s0) / d + 1e-12) * jnp.eye(d, dtype=x.dtype)
-
-    def sym_power(s, power):
-        w, v = jnp.linalg.eigh(s)
-        return (v * jnp.maximum(w, 0.0) ** power) @ v.T
-
-    root0, inv_root0 = sym_power(s0, 0.5), sym_power(s0, -0.5)
-    A = inv_root0 @ sym_power(root0 @ s1 @ root0, 0.5) @ inv_root0
-    z = x - m0
-    return jnp.sum(x**2, axis=1) - jnp.sum((z @ A) * z, axis=1) - 2 * x @ m1
 
 
 def _report(it, err, max_iterations):
