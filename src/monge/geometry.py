@@ -2,11 +2,13 @@ r"""Geometries: lazy operators over the cost matrix between two supports.
 
 A geometry knows the cost $C_{ij}$ between the points of two supports, and nothing of
 weights, epsilon or solvers. Every reduction a solver needs is written once, in
-`AbstractGeometry`, on top of a single primitive, `map_lines(fn, axis, *args)`, which
-applies a function to each line (row or column) of $C$. A `CostMatrix` does that
-with `vmap` over a stored matrix; an online `PointCloud` computes lines in blocks of
-`chunk_size` and never stores the $n \times m$ matrix (memory $O((n + m)\cdot$ chunk$)$,
-backward pass included, thanks to rematerialisation).
+`AbstractGeometry`, on top of a single primitive, `map_blocks(fn, axis, *args)`, which
+applies a function to blocks of whole lines (rows or columns) of $C$. A `CostMatrix`
+passes the stored matrix as one block; an online `PointCloud` computes blocks of
+`chunk_size` lines and never stores the $n \times m$ matrix (memory $O((n + m)\cdot$
+chunk$)$, backward pass included, thanks to rematerialisation). Blocks, rather than
+single lines, let XLA fuse the cost, the exponential and the reduction of a whole block
+into one loop.
 
 Convention: `axis` is the axis of $C$ that is **reduced**, as in NumPy. `axis=1`
 sums over $j$ and returns one value per row $i$; `axis=0` sums over $i$.
@@ -24,7 +26,7 @@ from jaxtyping import Array, Float
 
 from monge.costs import AbstractCost, SqEuclidean, as_cost
 
-__all__ = ["AbstractGeometry", "CostMatrix", "PointCloud", "ONLINE_ABOVE"]
+__all__ = ["AbstractGeometry", "CostMatrix", "PointCloud", "ONLINE_ABOVE", "ONE_PASS_FLOOR"]
 
 #: A point cloud with more than this many cost entries (n * m) is handled online by
 #: default: 2**25 entries is 128 MiB of float32, beyond which storing the matrix costs
@@ -33,6 +35,11 @@ ONLINE_ABOVE = 2**25
 
 #: Cost entries per block in online mode (rows * columns), 8 MiB of float32.
 _BLOCK_ENTRIES = 2**21
+
+#: A one-pass (shifted) log-sum-exp whose sum falls below exp(ONE_PASS_FLOOR) is
+#: reported as NaN: its largest term could then be a float32 subnormal, which has lost
+#: precision (float32 normals stop near exp(-87); the margin covers 1e9 terms).
+ONE_PASS_FLOOR = -60.0
 
 
 class AbstractGeometry(eqx.Module):
@@ -58,21 +65,53 @@ class AbstractGeometry(eqx.Module):
         stored where this geometry allows it (point clouds that are not online)."""
 
     @abc.abstractmethod
-    def map_lines(self, fn: Callable, axis: int, *args) -> Array:
-        """`out[k] = fn(line_k, *(arg[k] for arg in args))` for every line of $C$.
+    def map_blocks(self, fn: Callable, axis: int, *args) -> Array:
+        """`fn(block, *arg_blocks)` over blocks of whole lines of $C$, concatenated.
 
-        With `axis=1` the lines are the rows $C_{k,:}$ (length m); with `axis=0` the
-        columns $C_{:,k}$ (length n). `args` are arrays indexed along the kept axis.
+        A block holds k whole lines as a `(k, l)` array, so `fn` always reduces its
+        last axis: with `axis=1` the lines are rows (l = m); with `axis=0` they are
+        columns (l = n), passed transposed. `args` are arrays indexed along the kept
+        axis; `fn` gets their k matching entries and returns arrays with k leading
+        entries. The blocking (one block, or chunks) is the geometry's choice.
         """
 
-    def lse(self, h: Float[Array, " l"], eps, axis: int, w=None) -> Float[Array, " k"]:
+    def map_lines(self, fn: Callable, axis: int, *args) -> Array:
+        """`out[k] = fn(line_k, *(arg[k] for arg in args))` for every line of $C$
+        (rows for `axis=1`, columns for `axis=0`)."""
+        return self.map_blocks(jax.vmap(fn), axis, *args)
+
+    def lse(self, h: Float[Array, " l"], eps, axis: int, w=None, shift=None) -> Float[Array, " k"]:
         r"""$\log \sum_l w_l \exp((h_l - C_{kl}) / \varepsilon)$ for each $k$.
 
         With `axis=1`, $h$ and the optional non-negative weights $w$ have length m and
         the result length n; `axis=0` transposes. Zero weights drop their terms (with
         finite gradients).
+
+        By default each line is stabilised by its largest exponent (two passes over the
+        line). With `shift` $s_k$ given, one pass computes $\log\sum_l
+        \exp((h_l - C_{kl} + s_k)/\varepsilon + \log w_l) - s_k/\varepsilon$ without
+        the maximum: about twice as fast online, and exact when $s_k$ is near the
+        result's $-\varepsilon\,\cdot$ (a Sinkhorn potential of the previous iterate).
+        If $s_k$ is too far off the sum overflows (inf) or falls below
+        $e^{\text{ONE\_PASS\_FLOOR}}$ (returned as NaN): callers check and redo with
+        `shift=None`.
         """
-        return self.map_lines(lambda c: jax.nn.logsumexp((h - c) / eps, b=w), axis)
+        log_w = None if w is None else jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
+        if shift is None:
+            def fn(c):
+                return jax.nn.logsumexp((h - c) / eps, axis=-1, b=w)
+
+            return self.map_blocks(fn, axis)
+
+        def fn(c, s):
+            z = (h - c + s[:, None]) / eps
+            if log_w is not None:
+                z = z + log_w
+            log_total = jnp.log(jnp.sum(jnp.exp(z), axis=-1))
+            log_total = jnp.where(log_total > ONE_PASS_FLOOR, log_total, jnp.nan)
+            return log_total - s / eps
+
+        return self.map_blocks(fn, axis, shift)
 
     def apply_kernel(self, h, eps, v, axis: int) -> tuple[Array, Array]:
         r"""$\sum_l \exp((h_l - C_{kl})/\varepsilon)\, v_l$ as a pair `(log_scale, w)`.
@@ -82,18 +121,18 @@ class AbstractGeometry(eqx.Module):
         shape `(l,)` or `(l, p)`; signs are allowed.
         """
 
-        def line(c):
+        def fn(c):
             s = (h - c) / eps
-            top = jax.lax.stop_gradient(jnp.max(s))
+            top = jax.lax.stop_gradient(jnp.max(s, axis=-1))
             top = jnp.where(jnp.isfinite(top), top, 0.0)
-            return top, jnp.exp(s - top) @ v
+            return top, jnp.exp(s - top[:, None]) @ v
 
-        return self.map_lines(line, axis)
+        return self.map_blocks(fn, axis)
 
     def mean_cost(self, a: Float[Array, " n"], b: Float[Array, " m"]) -> Float[Array, ""]:
         r"""$a^\top C b$: the cost of the independent coupling $a b^\top$ (for weights
         summing to one, the average cost between the two supports)."""
-        return a @ self.map_lines(lambda c: c @ b, 1)
+        return a @ self.map_blocks(lambda c: c @ b, 1)
 
 
 def as_float_array(z) -> Array:
@@ -139,8 +178,8 @@ class CostMatrix(AbstractGeometry):
     def precompute(self):
         return self
 
-    def map_lines(self, fn, axis, *args):
-        return jax.vmap(fn, in_axes=(0 if axis == 1 else 1,) + (0,) * len(args))(self.C, *args)
+    def map_blocks(self, fn, axis, *args):
+        return fn(self.C if axis == 1 else self.C.T, *args)
 
 
 class PointCloud(AbstractGeometry):
@@ -208,22 +247,32 @@ class PointCloud(AbstractGeometry):
     def cost_matrix(self):
         return self.cost.all_pairs(self.x, self.y)
 
-    def map_lines(self, fn, axis, *args):
+    def map_blocks(self, fn, axis, *args):
         if not self.is_online:
-            return CostMatrix(self.cost_matrix()).map_lines(fn, axis, *args)
+            return CostMatrix(self.cost_matrix()).map_blocks(fn, axis, *args)
         lines, others = (self.x, self.y) if axis == 1 else (self.y, self.x)
-        chunk = self.chunk_size or max(1, _BLOCK_ENTRIES // max(others.shape[0], 1))
+        n_lines = lines.shape[0]
+        chunk = min(self.chunk_size or max(1, _BLOCK_ENTRIES // max(others.shape[0], 1)), n_lines)
 
-        @jax.checkpoint
-        def one(line_and_args):
-            point, *line_args = line_and_args
+        @jax.checkpoint  # the backward pass recomputes a block's costs: O(chunk) memory
+        def block(points, *block_args):
             if axis == 1:
-                c = self.cost.all_pairs(point[None], others)[0]
+                c = self.cost.all_pairs(points, others)
             else:
-                c = self.cost.all_pairs(others, point[None])[:, 0]
-            return fn(c, *line_args)
+                c = self.cost.all_pairs(others, points).T
+            return fn(c, *block_args)
 
-        return jax.lax.map(one, (lines, *args), batch_size=min(chunk, lines.shape[0]))
+        full = n_lines - n_lines % chunk
+        pieces = []
+        if full:
+            def split(z):
+                return z[:full].reshape(full // chunk, chunk, *z.shape[1:])
+
+            out = jax.lax.map(lambda t: block(*t), (split(lines), *map(split, args)))
+            pieces.append(jax.tree_util.tree_map(lambda z: z.reshape(full, *z.shape[2:]), out))
+        if full < n_lines:
+            pieces.append(block(lines[full:], *(z[full:] for z in args)))
+        return jax.tree_util.tree_map(lambda *zs: jnp.concatenate(zs), *pieces)
 
     def precompute(self):
         return self if self.is_online else CostMatrix(self.cost_matrix())

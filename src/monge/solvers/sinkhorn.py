@@ -46,12 +46,13 @@ class Sinkhorn(eqx.Module):
         adjoint: `ImplicitAdjoint()` (default) or `UnrolledAdjoint()`.
         progress: print the iteration count and error to stderr after every check
             (through `jax.debug.callback`); static.
-        mode: ``"log"`` runs every update as a log-sum-exp; ``"kernel"`` runs blocks as
-            matrix-vector products on the plan of the previous block (see
-            `_Steps.kernel_block`), several times cheaper per iteration, redoing a block
-            in the log domain if it produced non-finite values; ``"auto"`` (default)
-            uses kernel mode when the cost matrix is stored (not online). Both modes
-            compute the same iterates. Static.
+        mode: ``"log"`` runs every update as a log-sum-exp (two passes per line:
+            maximum, then sum). ``"kernel"`` (alias ``"auto"``, the default) runs the
+            same iterates with cheaper arithmetic: on a stored cost matrix, as
+            matrix-vector products on the plan of the previous block
+            (`_Steps.kernel_block`); online, as one-pass log-sum-exps shifted by the
+            previous potentials (`_Steps.shifted_block`). A block whose values are not
+            finite (float32 under/overflow) is redone in the log domain. Static.
         anneal: epsilon scaling (Kosowsky & Yuille, 1994; Schmitzer, 2019): start at
             the default epsilon $0.05\,\bar c$ (or at epsilon if larger) and multiply it
             by `anneal_decay` after every block until it reaches the target; convergence
@@ -66,6 +67,11 @@ class Sinkhorn(eqx.Module):
             comes from the first update. Fewer iterations when the clouds are roughly
             an affine image of each other; the fixed point, hence the implicit
             gradient, is the same. Static.
+        over_relaxation: adaptive successive over-relaxation of the updates
+            (`_next_omega`): once two blocks at the target epsilon have shown the rate
+            of plain Sinkhorn, updates are extrapolated by the optimal factor for that
+            rate, and relaxation is switched off for good if the error ever grows.
+            Same fixed point, hence same implicit gradient. Static.
 
     Example:
         >>> import jax.numpy as jnp, monge
@@ -84,8 +90,9 @@ class Sinkhorn(eqx.Module):
     progress: bool = eqx.field(default=False, static=True)
     mode: str = eqx.field(default="auto", static=True)
     anneal: bool = eqx.field(default=True, static=True)
-    anneal_decay: float = eqx.field(default=0.7, converter=as_float_array)
+    anneal_decay: float = eqx.field(default=0.5, converter=as_float_array)
     initializer: str = eqx.field(default="zeros", static=True)
+    over_relaxation: bool = eqx.field(default=True, static=True)
 
     def __check_init__(self):
         initializers.check_name(self.initializer)
@@ -124,9 +131,7 @@ class Sinkhorn(eqx.Module):
     # -- iterations -------------------------------------------------------------------
     def uses_kernel(self, geom) -> bool:
         """Whether blocks run in kernel (scaling) mode on this geometry (static)."""
-        if self.mode == "auto":
-            return isinstance(geom.precompute(), CostMatrix)
-        return self.mode == "kernel"
+        return self.mode in ("auto", "kernel")
 
     def iterate(self, theta, unrolled: bool):
         """Run the iterations on `theta = (geom, a, b, eps, tau_a, tau_b)`.
@@ -136,6 +141,7 @@ class Sinkhorn(eqx.Module):
         geom, a, b, eps, tau_a, tau_b = theta
         kernel = self.uses_kernel(geom)
         geom = geom.precompute()
+        dense = isinstance(geom, CostMatrix)
         n, m = geom.shape
         dtype = a.dtype
         inner = self.inner_iterations
@@ -148,23 +154,25 @@ class Sinkhorn(eqx.Module):
             return jnp.maximum(eps, start * self.anneal_decay ** (it // inner))
 
         def block(state):
-            potentials, it, errors = state
-            steps = _Steps(geom, a, b, epsilon_at(it), tau_a, tau_b, inner)
-            if kernel:
-                new = steps.kernel_block(potentials)
-                ok = jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[2]))
+            potentials, it, errors, omega = state
+            steps = _Steps(geom, a, b, epsilon_at(it), tau_a, tau_b, inner, jnp.maximum(omega, 1.0))
+            if kernel:  # fast arithmetic; a block that is not finite is redone exactly
+                new = steps.kernel_block(potentials) if dense else steps.shifted_block(potentials)
+                ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(z)) for z in new]))
                 new = jax.lax.cond(ok, lambda: new, lambda: steps.log_block(potentials))
             else:
                 new = steps.log_block(potentials)
             err = steps.error(new)
             errors = errors.at[it // inner].set(err)
+            if self.over_relaxation:
+                omega = _next_omega(omega, errors, it // inner, inner, at_target=epsilon_at(it - inner) <= eps)
             it = it + inner
             if self.progress:
                 jax.debug.callback(_report, it, err, self.max_iterations)
-            return new, it, errors
+            return new, it, errors, omega
 
         def running(state):
-            _, it, errors = state
+            _, it, errors, _ = state
             err = errors[jnp.maximum(it // inner - 1, 0)]
             budget = it < self.n_blocks * inner
             # the last block ran at the target epsilon iff its epsilon was eps
@@ -172,7 +180,7 @@ class Sinkhorn(eqx.Module):
             unfinished = (err > self.threshold) | ~at_target
             return (it == 0) | (budget & unfinished & jnp.isfinite(err))
 
-        steps = _Steps(geom, a, b, start, tau_a, tau_b, inner)
+        steps = _Steps(geom, a, b, start, tau_a, tau_b, inner, jnp.ones((), dtype))
         f0 = initializers.initial_potential(self.initializer, theta[0], a, b, start)
         if f0 is None:
             f0, g0 = jnp.zeros((n,), dtype), jnp.zeros((m,), dtype)
@@ -180,7 +188,7 @@ class Sinkhorn(eqx.Module):
             f0 = jax.lax.stop_gradient(f0.astype(dtype))
             g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
         potentials = (f0, g0, steps.f_hat(g0))
-        state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype))
+        state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype), jnp.ones((), dtype))
         if unrolled:
 
             def masked(state, _):
@@ -191,17 +199,22 @@ class Sinkhorn(eqx.Module):
             state, _ = jax.lax.scan(masked, state, None, self.n_blocks)
         else:
             state = jax.lax.while_loop(running, block, state)
-        (f, g, _), it, errors = state
+        (f, g, _), it, errors, _ = state
         error = errors[jnp.maximum(it // self.inner_iterations - 1, 0)]
         return f, g, (it, errors, error)
 
 
 class _Steps(eqx.Module):
-    """One block of Sinkhorn updates, in the log domain or in kernel (scaling) mode.
+    r"""One block of Sinkhorn updates, in the log domain or in kernel (scaling) mode.
 
     A block maps `(f, g, f_hat)` — `f_hat` the untempered f update for `g` — to the
-    same triple after `inner` iterations (each: `f = tau_a f_hat`, g update, new
-    `f_hat`). Both modes compute the same iterates; only the arithmetic differs.
+    same triple after `inner` iterations (each: f update, g update, new `f_hat`). All
+    modes compute the same iterates; only the arithmetic differs.
+
+    Updates are over-relaxed by `omega` (1: plain Sinkhorn): $f \leftarrow f +
+    \omega(\tau_a \hat f - f)$, likewise $g$, except the block's last $g$ update,
+    which is plain so that the column marginal is exact and `error` measures the
+    whole optimality error.
     """
 
     geom: AbstractGeometry
@@ -211,18 +224,28 @@ class _Steps(eqx.Module):
     tau_a: Array
     tau_b: Array
     inner: int = eqx.field(static=True)
+    omega: Array = eqx.field(default=1.0, converter=as_float_array)
+
+    def relaxed(self, old, target, k, last_plain: bool = False):
+        """`old + omega (target - old)`, plain on the block's last step if asked."""
+        omega = jnp.where(k == self.inner - 1, 1.0, self.omega) if last_plain else self.omega
+        return old + omega * (target - old)
+
+    def scan(self, one, potentials):
+        return jax.lax.scan(one, potentials, jnp.arange(self.inner))[0]
 
     def f_hat(self, g):
         return -self.eps * self.geom.lse(g, self.eps, 1, w=self.b)
 
     def log_block(self, potentials):
-        def one(carry, _):
+        def one(carry, k):
             f, g, f_hat = carry
-            f = self.tau_a * f_hat
-            g = -self.tau_b * self.eps * self.geom.lse(f, self.eps, 0, w=self.a)
+            f = self.relaxed(f, self.tau_a * f_hat, k)
+            g_hat = -self.eps * self.geom.lse(f, self.eps, 0, w=self.a)
+            g = self.relaxed(g, self.tau_b * g_hat, k, last_plain=True)
             return (f, g, self.f_hat(g)), None
 
-        return jax.lax.scan(one, potentials, None, self.inner)[0]
+        return self.scan(one, potentials)
 
     def kernel_block(self, potentials):
         r"""Scaling iterations on the plan of the current potentials.
@@ -237,23 +260,45 @@ class _Steps(eqx.Module):
         """
         _, g0, f_hat0 = potentials
         eps, a, b = self.eps, self.a, self.b
-        f0 = self.tau_a * f_hat0  # the first iteration's f: u = 1
+        f0 = self.tau_a * f_hat0  # reference point of the block: u, v stay near 1
         log_a, log_b = safe_log(a), safe_log(b)
         C = self.geom.cost_matrix()
         P0 = jnp.exp(log_a[:, None] + log_b[None, :] + (f0[:, None] + g0[None, :] - C) / eps)
         dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
 
-        def one(carry, _):
-            _, _, f_hat = carry
-            f = self.tau_a * f_hat
+        def one(carry, k):
+            f, g, f_hat = carry
+            f = self.relaxed(f, self.tau_a * f_hat, k)
             u = jnp.exp((f - f0) / eps)
             g_hat = jnp.where(b > 0, g0 + eps * (log_b - jnp.log(dot(u, P0))), g0)
-            g = self.tau_b * g_hat
+            g = self.relaxed(g, self.tau_b * g_hat, k, last_plain=True)
             v = jnp.exp((g - g0) / eps)
             f_hat = jnp.where(a > 0, f0 + eps * (log_a - jnp.log(dot(P0, v))), f0)
             return (f, g, f_hat), None
 
-        return jax.lax.scan(one, potentials, None, self.inner)[0]
+        return self.scan(one, potentials)
+
+    def shifted_block(self, potentials):
+        r"""The log-domain updates, each log-sum-exp taken in one pass shifted by the
+        previous iterate (`AbstractGeometry.lse` with `shift`): the kernel mode of
+        geometries that do not store $C$ (online point clouds).
+
+        Near the fixed point $(f_i + \hat g_j - C_{ij})/\varepsilon \le
+        \log(1/\max(a_i, b_j))$, so with the previous $\hat g$ (resp. $\hat f$) as
+        shift no term overflows and the largest is not tiny: one exponential per entry
+        and no maximum, about half the work of `log_block` online. The iterates are
+        those of `log_block`; a block that is not finite is redone there.
+        """
+
+        def one(carry, k):
+            f, g, f_hat = carry
+            f = self.relaxed(f, self.tau_a * f_hat, k)
+            g_hat = -self.eps * self.geom.lse(f, self.eps, 0, w=self.a, shift=g / self.tau_b)
+            g = self.relaxed(g, self.tau_b * g_hat, k, last_plain=True)
+            f_hat = -self.eps * self.geom.lse(g, self.eps, 1, w=self.b, shift=f_hat)
+            return (f, g, f_hat), None
+
+        return self.scan(one, potentials)
 
     def error(self, potentials):
         r"""L1 optimality error $\|a e^{-f/\rho_a} - P\mathbf 1\|_1$ of `(f, g)`."""
@@ -262,6 +307,32 @@ class _Steps(eqx.Module):
         residual = self.a * (jnp.exp(-(1 - tau_a) / (tau_a * eps) * f) - jnp.exp((f - f_hat) / eps))
         err = jnp.sum(jnp.abs(residual))
         return jnp.where(jnp.isnan(err), jnp.inf, err)
+
+
+def _next_omega(omega, errors, k, inner, at_target):
+    r"""Adaptive over-relaxation (Lehmann, von Renesse, Sambale & Uschmajew, 2021;
+    Thibault, Chizat, Dossal & Papadakis, 2021).
+
+    Plain Sinkhorn converges linearly; near the fixed point it is a Gauss–Seidel sweep
+    whose error contracts by some $
+ho < 1$ per iteration, and successive
+    over-relaxation with $\omega = 2 / (1 + \sqrt{1 - 
+ho})$ contracts by about
+    $\omega - 1$ instead ($
+ho = 0.99$: $\omega pprox 1.82$, about 20× fewer
+    iterations asymptotically). $
+ho$ is measured once, from two consecutive plain
+    blocks at the target epsilon (block `k` and `k - 1`), and capped at 0.99. If the
+    error ever grows while relaxed, relaxation is switched off for good (omega = 1,
+    marked by storing -1).
+    """
+    err, prev = errors[k], errors[jnp.maximum(k - 1, 0)]
+    measured = (k >= 1) & at_target & (prev > 0) & jnp.isfinite(err) & (err < prev)
+    rate = jnp.minimum(jnp.where(measured, err / jnp.where(prev > 0, prev, 1.0), 0.0) ** (1.0 / inner), 0.99)
+    start = 2.0 / (1.0 + jnp.sqrt(1.0 - rate))
+    omega = jnp.where((omega == 1.0) & measured, start, omega)
+    grew = (omega > 1.0) & ~(err < prev)
+    return jax.lax.stop_gradient(jnp.where(grew | (omega < 0), -1.0, omega))
 
 
 def _report(it, err, max_iterations):

@@ -1,0 +1,120 @@
+"""Sinkhorn accelerations against independent references: one-pass (shifted)
+log-sum-exp vs scipy, online kernel mode and over-relaxation vs POT plans (float64),
+the relaxation factor vs its closed form."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ot
+import pytest
+from conftest import sqdist
+from scipy.special import logsumexp
+
+import monge
+from monge.solvers.sinkhorn import _next_omega
+
+
+def pot_plan(a, b, M, eps, **kw):
+    if kw:
+        return ot.unbalanced.sinkhorn_unbalanced(a, b, M, eps, reg_type="kl", stopThr=1e-14, numItermax=200_000, **kw)
+    return ot.sinkhorn(a, b, M, eps, method="sinkhorn_log", stopThr=1e-14, numItermax=200_000)
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["matrix", "online"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_shifted_lse_matches_scipy(clouds, online, axis):
+    x, y, a, b = clouds
+    M = sqdist(x, y)
+    eps = 0.3
+    h, w = (a, a) if axis == 0 else (np.linspace(-1, 1, 11), b)
+    expected = logsumexp((h[:, None] - M) / eps if axis == 0 else (h[None, :] - M) / eps, axis=axis, b=w[:, None] if axis == 0 else w[None, :])
+    with jax.enable_x64(True):
+        geom = monge.PointCloud(x, y, online=online, chunk_size=3 if online else None)
+        # any shift within ~50 epsilon of the answer gives the same value in one pass
+        for offset in (0.0, 5.0, -8.0):
+            shift = -eps * expected + offset * eps
+            got = geom.lse(jnp.asarray(h), eps, axis, w=jnp.asarray(w), shift=jnp.asarray(shift))
+            np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12)
+        # far off: reported non-finite (never a silently wrong finite value)
+        for offset in (-200.0, 2000.0):
+            got = geom.lse(jnp.asarray(h), eps, axis, w=jnp.asarray(w), shift=jnp.asarray(-eps * expected + offset * eps))
+            assert not np.any(np.isfinite(np.asarray(got)))
+
+
+def test_online_kernel_mode_matches_pot(clouds):
+    x, y, a, b = clouds
+    M = sqdist(x, y)
+    eps = 0.01 * M.mean()
+    P = pot_plan(a, b, M, eps)
+    with jax.enable_x64(True):
+        geom = monge.PointCloud(x, y, online=True, chunk_size=3)
+        for mode in ("kernel", "log"):
+            sol = monge.Sinkhorn(mode=mode, threshold=1e-11, max_iterations=20_000)(monge.LinearProblem(geom, a, b, epsilon=eps))
+            assert bool(sol.converged)
+            np.testing.assert_allclose(np.asarray(sol.plan), P, atol=1e-10)
+
+
+def test_online_kernel_mode_float32_small_epsilon():
+    """float32, epsilon = 1e-3 x mean cost, from zeros without annealing: the shifted
+    one-pass sums underflow in early blocks and are redone in the log domain; the plan
+    still matches POT's float64 one."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(23, 2)), rng.normal(size=(17, 2)) * 0.5 + 2.0
+    a, b = np.full(23, 1 / 23), np.full(17, 1 / 17)
+    M = sqdist(x, y)
+    eps = 1e-3 * M.mean()
+    P = pot_plan(a, b, M, eps)
+    geom = monge.PointCloud(jnp.float32(x), jnp.float32(y), online=True, chunk_size=5)
+    sol = monge.Sinkhorn(anneal=False, threshold=1e-4, max_iterations=20_000)(monge.LinearProblem(geom, epsilon=eps))
+    assert bool(sol.converged)
+    np.testing.assert_allclose(np.asarray(sol.plan), P, atol=2e-4)
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["matrix", "online"])
+def test_over_relaxation_same_plan_fewer_iterations(clouds, online):
+    x, y, a, b = clouds
+    M = sqdist(x, y)
+    eps = 0.003 * M.mean()
+    P = pot_plan(a, b, M, eps)
+    with jax.enable_x64(True):
+        geom = monge.PointCloud(x, y, online=online, chunk_size=4 if online else None)
+        iters = {}
+        for relax in (False, True):
+            solver = monge.Sinkhorn(anneal=False, over_relaxation=relax, threshold=1e-10, max_iterations=50_000)
+            sol = solver(monge.LinearProblem(geom, a, b, epsilon=eps))
+            assert bool(sol.converged)
+            np.testing.assert_allclose(np.asarray(sol.plan), P, atol=1e-10)
+            iters[relax] = int(sol.n_iters)
+    assert iters[True] < iters[False] / 2, iters
+
+
+def test_over_relaxation_unbalanced_matches_pot(clouds):
+    x, y, a, b = clouds
+    M = sqdist(x, y)
+    eps, tau = 0.01 * M.mean(), 0.8
+    rho = eps * tau / (1 - tau)
+    P = pot_plan(a, b, M, eps, reg_m=rho)
+    with jax.enable_x64(True):
+        problem = monge.LinearProblem(monge.PointCloud(x, y), a, b, epsilon=eps, tau_a=tau, tau_b=tau)
+        sol = monge.Sinkhorn(threshold=1e-12, max_iterations=50_000)(problem)
+        assert bool(sol.converged)
+        np.testing.assert_allclose(np.asarray(sol.plan), P, atol=1e-10)
+
+
+def test_relaxation_factor_closed_form():
+    inner = 10
+    rho = 0.95  # per-iteration contraction of plain Sinkhorn
+    errors = jnp.array([1.0, rho**inner, rho ** (2 * inner), 1.0])
+    omega = _next_omega(jnp.float32(1.0), errors, 1, inner, at_target=True)
+    np.testing.assert_allclose(float(omega), 2 / (1 + np.sqrt(1 - rho)), rtol=1e-5)
+    # not measured before the target epsilon, nor from the first block
+    assert float(_next_omega(jnp.float32(1.0), errors, 1, inner, at_target=False)) == 1.0
+    assert float(_next_omega(jnp.float32(1.0), errors, 0, inner, at_target=True)) == 1.0
+    # kept while the error decreases; switched off for good (-1, applied as 1) once it grows
+    assert float(_next_omega(omega, errors, 2, inner, at_target=True)) == pytest.approx(float(omega))
+    off = _next_omega(omega, errors, 3, inner, at_target=True)
+    assert float(off) == -1.0
+    assert float(_next_omega(off, errors, 2, inner, at_target=True)) == -1.0
+    # a rate near 1 is capped at 0.99
+    slow = jnp.array([1.0, 0.99999])
+    np.testing.assert_allclose(float(_next_omega(jnp.float32(1.0), slow, 1, inner, at_target=True)), 2 / 1.1, rtol=1e-5)
