@@ -70,25 +70,38 @@ def test_online_kernel_mode_float32_small_epsilon():
     np.testing.assert_allclose(np.asarray(sol.plan), P, atol=2e-4)
 
 
-@pytest.mark.parametrize("online", [False, True], ids=["matrix", "online"])
-def test_over_relaxation_same_plan_fewer_iterations(clouds, online):
-    x, y, a, b = clouds
+@pytest.mark.parametrize(
+    "acceleration, online",
+    [("relaxation", False), ("relaxation", True), ("anderson", False), ("anderson", True)],
+)
+def test_acceleration_same_plan_fewer_iterations(acceleration, online):
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(60, 2)), rng.normal(size=(50, 2)) * 0.8 + 0.5
+    a, b = rng.uniform(0.5, 1.5, 60), rng.uniform(0.5, 1.5, 50)
+    a, b = a / a.sum(), b / b.sum()
     M = sqdist(x, y)
-    eps = 0.003 * M.mean()
+    eps = 0.005 * M.mean()
     P = pot_plan(a, b, M, eps)
     with jax.enable_x64(True):
         geom = monge.PointCloud(x, y, online=online, chunk_size=4 if online else None)
         iters = {}
-        for relax in (False, True):
-            solver = monge.Sinkhorn(anneal=False, over_relaxation=relax, threshold=1e-10, max_iterations=50_000)
+        for acc in (None, acceleration):
+            solver = monge.Sinkhorn(anneal=False, acceleration=acc, threshold=1e-10, max_iterations=50_000)
             sol = solver(monge.LinearProblem(geom, a, b, epsilon=eps))
             assert bool(sol.converged)
             np.testing.assert_allclose(np.asarray(sol.plan), P, atol=1e-10)
-            iters[relax] = int(sol.n_iters)
-    assert iters[True] < iters[False] / 2, iters
+            iters[acc] = int(sol.n_iters)
+    # measured: plain 6370, relaxation 1120, anderson 1010 (both geometries)
+    assert iters[acceleration] < iters[None] / 2, iters
 
 
-def test_over_relaxation_unbalanced_matches_pot(clouds):
+def test_acceleration_is_checked():
+    with pytest.raises(ValueError, match=r"`acceleration` must be 'relaxation', 'anderson' or None; received 'fast'"):
+        monge.Sinkhorn(acceleration="fast")
+
+
+@pytest.mark.parametrize("acceleration", ["relaxation", "anderson"])
+def test_acceleration_unbalanced_matches_pot(clouds, acceleration):
     x, y, a, b = clouds
     M = sqdist(x, y)
     eps, tau = 0.01 * M.mean(), 0.8
@@ -96,7 +109,7 @@ def test_over_relaxation_unbalanced_matches_pot(clouds):
     P = pot_plan(a, b, M, eps, reg_m=rho)
     with jax.enable_x64(True):
         problem = monge.LinearProblem(monge.PointCloud(x, y), a, b, epsilon=eps, tau_a=tau, tau_b=tau)
-        sol = monge.Sinkhorn(threshold=1e-12, max_iterations=50_000)(problem)
+        sol = monge.Sinkhorn(acceleration=acceleration, threshold=1e-12, max_iterations=50_000)(problem)
         assert bool(sol.converged)
         np.testing.assert_allclose(np.asarray(sol.plan), P, atol=1e-10)
 
@@ -110,11 +123,14 @@ def test_relaxation_factor_closed_form():
     # not measured before the target epsilon, nor from the first block
     assert float(_next_omega(jnp.float32(1.0), errors, 1, inner, at_target=False)) == 1.0
     assert float(_next_omega(jnp.float32(1.0), errors, 0, inner, at_target=True)) == 1.0
-    # kept while the error decreases; switched off for good (-1, applied as 1) once it grows
+    # kept while the error decreases; after growth (beyond GROWTH) one plain block (-1,
+    # applied as 1), then measured again
     assert float(_next_omega(omega, errors, 2, inner, at_target=True)) == pytest.approx(float(omega))
     off = _next_omega(omega, errors, 3, inner, at_target=True)
     assert float(off) == -1.0
-    assert float(_next_omega(off, errors, 2, inner, at_target=True)) == -1.0
+    assert float(_next_omega(off, errors, 2, inner, at_target=True)) == 1.0
+    flat = jnp.array([1.0, 1.005])  # within the margin: not growth
+    assert float(_next_omega(omega, flat, 1, inner, at_target=True)) == pytest.approx(float(omega))
     # a rate near 1 is capped at 0.99
     slow = jnp.array([1.0, 0.99999])
     np.testing.assert_allclose(float(_next_omega(jnp.float32(1.0), slow, 1, inner, at_target=True)), 2 / 1.1, rtol=1e-5)
@@ -139,3 +155,20 @@ def test_vmapped_problems_are_solved_one_by_one(clouds):
         for k, e in enumerate(eps):
             np.testing.assert_allclose(float(values[k]), np.sum(pot_plan(a, b, M, e) * M), rtol=1e-8)
             np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(jax.grad(cost)(x, e)), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("adjoint", [monge.ImplicitAdjoint(), monge.UnrolledAdjoint()], ids=["implicit", "unrolled"])
+@pytest.mark.parametrize("acceleration", ["relaxation", "anderson"])
+def test_accelerated_gradients_match_finite_differences(clouds, acceleration, adjoint):
+    x, y, a, b = clouds
+    eps = 0.05 * sqdist(x, y).mean()
+    direction = np.random.default_rng(7).normal(size=x.shape)
+
+    def loss(x):
+        solver = monge.Sinkhorn(acceleration=acceleration, adjoint=adjoint, anneal=False, threshold=1e-12, max_iterations=20_000)
+        return solver(monge.LinearProblem(monge.PointCloud(x, y), a, b, epsilon=eps)).reg_cost
+
+    with jax.enable_x64(True):
+        h = 1e-6
+        fd = (loss(x + h * direction) - loss(x - h * direction)) / (2 * h)
+        np.testing.assert_allclose(float(jnp.sum(jax.grad(loss)(jnp.asarray(x)) * direction)), float(fd), rtol=1e-5)

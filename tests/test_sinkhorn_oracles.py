@@ -200,8 +200,8 @@ def test_annealing_same_answer_fewer_iterations(clouds):
     with jax.enable_x64(True):
         problem = monge.LinearProblem(monge.PointCloud(x, y), a, b, epsilon=eps)
         # annealing alone (relaxation is tested on its own)
-        plain = monge.Sinkhorn(threshold=1e-9, max_iterations=20_000, anneal=False, over_relaxation=False)(problem)
-        annealed = monge.Sinkhorn(threshold=1e-9, max_iterations=20_000, over_relaxation=False)(problem)
+        plain = monge.Sinkhorn(threshold=1e-9, max_iterations=20_000, anneal=False, acceleration=None)(problem)
+        annealed = monge.Sinkhorn(threshold=1e-9, max_iterations=20_000, acceleration=None)(problem)
         for sol in (plain, annealed):
             assert bool(sol.converged)
             np.testing.assert_allclose(np.asarray(sol.plan), P, atol=1e-9)
@@ -237,7 +237,7 @@ def test_gaussian_initializer_same_plan_fewer_iterations():
     with jax.enable_x64(True):
         # the initializer alone: with relaxation it loses (360 vs 310 iterations)
         runs = {
-            init: monge.Sinkhorn(initializer=init, anneal=False, over_relaxation=False, threshold=1e-4, max_iterations=50_000)(
+            init: monge.Sinkhorn(initializer=init, anneal=False, acceleration=None, threshold=1e-4, max_iterations=50_000)(
                 monge.LinearProblem(monge.PointCloud(x, y), epsilon=5e-2)
             )
             for init in ("zeros", "gaussian")

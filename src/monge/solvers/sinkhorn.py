@@ -32,7 +32,14 @@ from monge.solution import MESSAGES, Solution, Status, safe_log
 from monge.solvers import initializers
 from monge.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint
 
-__all__ = ["Sinkhorn", "SEQUENTIAL_ABOVE"]
+__all__ = ["Sinkhorn", "SEQUENTIAL_ABOVE", "ANDERSON_MEMORY"]
+
+#: Blocks remembered by `acceleration="anderson"`.
+ANDERSON_MEMORY = 5
+
+#: Accelerations back off when a block's error exceeds GROWTH x the previous block's
+#: (a margin, so that the tiny fluctuations of a plateau do not count as growth).
+GROWTH = 1.01
 
 #: On accelerators, vmapped problems with fewer cost entries (n * m) than this are
 #: batched, larger ones solved one after the other (see `Sinkhorn.iterate`); on CPU
@@ -74,11 +81,13 @@ class Sinkhorn(eqx.Module):
             comes from the first update. Fewer iterations when the clouds are roughly
             an affine image of each other; the fixed point, hence the implicit
             gradient, is the same. Static.
-        over_relaxation: adaptive successive over-relaxation of the updates
+        acceleration: ``"relaxation"`` (default): adaptive successive over-relaxation
             (`_next_omega`): once two blocks at the target epsilon have shown the rate
             of plain Sinkhorn, updates are extrapolated by the optimal factor for that
-            rate, and relaxation is switched off for good if the error ever grows.
-            Same fixed point, hence same implicit gradient. Static.
+            rate; it is switched off for good if the error ever grows.
+            ``"anderson"``: Anderson mixing of the last `ANDERSON_MEMORY` blocks at the
+            target epsilon (`_anderson`). ``None``: plain Sinkhorn. All keep the fixed
+            point, hence the implicit gradient. Static.
 
     Example:
         >>> import jax.numpy as jnp, monge
@@ -99,10 +108,15 @@ class Sinkhorn(eqx.Module):
     anneal: bool = eqx.field(default=True, static=True)
     anneal_decay: float = eqx.field(default=0.5, converter=as_float_array)
     initializer: str = eqx.field(default="zeros", static=True)
-    over_relaxation: bool = eqx.field(default=True, static=True)
+    acceleration: str | None = eqx.field(default="relaxation", static=True)
 
     def __check_init__(self):
         initializers.check_name(self.initializer)
+        if self.acceleration not in ("relaxation", "anderson", None):
+            raise ValueError(
+                "`acceleration` must be 'relaxation', 'anderson' or None; received "
+                f"{self.acceleration!r}."
+            )
         if self.mode not in ("auto", "log", "kernel"):
             raise ValueError(
                 f"`mode` must be 'auto', 'log' or 'kernel'; received {self.mode!r}."
@@ -195,7 +209,7 @@ class Sinkhorn(eqx.Module):
             return jnp.maximum(eps, start * self.anneal_decay ** (it // inner))
 
         def block(state):
-            potentials, it, errors, omega = state
+            potentials, it, errors, omega, history = state
             steps = _Steps(geom, a, b, epsilon_at(it), tau_a, tau_b, inner, jnp.maximum(omega, 1.0))
             if kernel:  # fast arithmetic; a block that is not finite is redone exactly
                 new = steps.kernel_block(potentials) if dense else steps.shifted_block(potentials)
@@ -205,15 +219,19 @@ class Sinkhorn(eqx.Module):
                 new = steps.log_block(potentials)
             err = steps.error(new)
             errors = errors.at[it // inner].set(err)
-            if self.over_relaxation:
+            if self.acceleration == "relaxation":
                 omega = _next_omega(omega, errors, it // inner, inner, at_target=epsilon_at(it - inner) <= eps)
+            elif self.acceleration == "anderson":
+                go_on = (err > self.threshold) & (it + inner < self.n_blocks * inner)
+                prev = errors[jnp.maximum(it // inner - 1, 0)]
+                new, history = _anderson(steps, potentials, new, history, go_on, epsilon_at(it) <= eps, err <= GROWTH * prev)
             it = it + inner
             if self.progress:
                 jax.debug.callback(_report, it, err, self.max_iterations)
-            return new, it, errors, omega
+            return new, it, errors, omega, history
 
         def running(state):
-            _, it, errors, _ = state
+            _, it, errors, _, _ = state
             err = errors[jnp.maximum(it // inner - 1, 0)]
             budget = it < self.n_blocks * inner
             # the last block ran at the target epsilon iff its epsilon was eps
@@ -229,7 +247,9 @@ class Sinkhorn(eqx.Module):
             f0 = jax.lax.stop_gradient(f0.astype(dtype))
             g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
         potentials = (f0, g0, steps.f_hat(g0))
-        state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype), jnp.ones((), dtype))
+        memory = ANDERSON_MEMORY if self.acceleration == "anderson" else 0
+        history = (jnp.zeros((memory, m), dtype), jnp.zeros((memory, m), dtype), jnp.asarray(0))
+        state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype), jnp.ones((), dtype), history)
         if unrolled:
 
             def masked(state, _):
@@ -240,7 +260,7 @@ class Sinkhorn(eqx.Module):
             state, _ = jax.lax.scan(masked, state, None, self.n_blocks)
         else:
             state = jax.lax.while_loop(running, block, state)
-        (f, g, _), it, errors, _ = state
+        (f, g, _), it, errors, _, _ = state
         error = errors[jnp.maximum(it // self.inner_iterations - 1, 0)]
         return f, g, (it, errors, error)
 
@@ -350,30 +370,63 @@ class _Steps(eqx.Module):
         return jnp.where(jnp.isnan(err), jnp.inf, err)
 
 
+def _anderson(steps, old, new, history, go_on, at_target, improved, ridge=1e-6):
+    r"""Anderson acceleration (type II) of the block map $T: g \mapsto g'$ (Anderson,
+    1965; Walker & Ni, 2011; for Sinkhorn: Chizat, 2023; OTT-JAX).
+
+    With the last $k \le$ `ANDERSON_MEMORY` pairs $(g_i, T(g_i))$ at the target epsilon
+    and residuals $r_i = T(g_i) - g_i$, the next start is $\sum_i \alpha_i T(g_i)$ with
+    $\alpha = \arg\min \|\sum_i \alpha_i r_i\|^2 + \lambda\|\alpha\|^2$ subject to
+    $\sum_i \alpha_i = 1$ ($\lambda$ = `ridge` times the mean squared residual). The
+    history restarts whenever epsilon is not yet the target or the error grew by more
+    than `GROWTH` in a block; a
+    block that ends the solve is returned unmixed (so the reported error is its own),
+    and $\hat f$ is recomputed for the mixed $g$.
+    """
+    G_in, G_out, filled = history
+    memory = G_in.shape[0]
+    filled = jnp.where(at_target & improved, filled, 0)  # restart the history
+    slot = filled % memory
+    G_in, G_out = G_in.at[slot].set(old[1]), G_out.at[slot].set(new[1])
+    filled = jnp.where(at_target, filled + 1, 0)
+    valid = jnp.arange(memory) < filled
+    R = jnp.where(valid[:, None], G_out - G_in, 0.0)
+    gram = R @ R.T
+    scale = jnp.trace(gram) / jnp.maximum(jnp.minimum(filled, memory), 1)
+    gram = gram + jnp.diag(jnp.where(valid, ridge * scale + jnp.finfo(gram.dtype).tiny, 1.0))
+    z = jnp.linalg.solve(gram, valid.astype(gram.dtype))
+    alpha = z / jnp.sum(z)
+    g_mix = alpha @ G_out
+    use = go_on & (filled >= 2) & jnp.all(jnp.isfinite(g_mix))
+
+    def mixed():
+        return new[0], g_mix, -steps.eps * steps.geom.lse(g_mix, steps.eps, 1, w=steps.b)
+
+    return jax.lax.cond(use, mixed, lambda: new), (G_in, G_out, filled)
+
+
 def _next_omega(omega, errors, k, inner, at_target):
     r"""Adaptive over-relaxation (Lehmann, von Renesse, Sambale & Uschmajew, 2021;
     Thibault, Chizat, Dossal & Papadakis, 2021).
 
     Plain Sinkhorn converges linearly; near the fixed point it is a Gauss–Seidel sweep
-    whose error contracts by some $
-ho < 1$ per iteration, and successive
-    over-relaxation with $\omega = 2 / (1 + \sqrt{1 - 
-ho})$ contracts by about
-    $\omega - 1$ instead ($
-ho = 0.99$: $\omega pprox 1.82$, about 20× fewer
-    iterations asymptotically). $
-ho$ is measured once, from two consecutive plain
+    whose error contracts by some $\rho < 1$ per iteration, and successive
+    over-relaxation with $\omega = 2 / (1 + \sqrt{1 - \rho})$ contracts by about
+    $\omega - 1$ instead ($\rho = 0.99$: $\omega \approx 1.82$, about 20× fewer
+    iterations asymptotically). $\rho$ is measured once, from two consecutive plain
     blocks at the target epsilon (block `k` and `k - 1`), and capped at 0.99. If the
-    error ever grows while relaxed, relaxation is switched off for good (omega = 1,
-    marked by storing -1).
+    error grows by more than `GROWTH` in a relaxed block, the next block is plain
+    (stored as omega = -1, applied as 1) and the rate is measured again after it.
+    States: omega > 1 relaxed, 1 measuring, -1 one plain block before measuring.
     """
     err, prev = errors[k], errors[jnp.maximum(k - 1, 0)]
-    measured = (k >= 1) & at_target & (prev > 0) & jnp.isfinite(err) & (err < prev)
+    measuring = omega == 1.0
+    measured = measuring & (k >= 1) & at_target & (prev > 0) & jnp.isfinite(err) & (err < prev)
     rate = jnp.minimum(jnp.where(measured, err / jnp.where(prev > 0, prev, 1.0), 0.0) ** (1.0 / inner), 0.99)
-    start = 2.0 / (1.0 + jnp.sqrt(1.0 - rate))
-    omega = jnp.where((omega == 1.0) & measured, start, omega)
-    grew = (omega > 1.0) & ~(err < prev)
-    return jax.lax.stop_gradient(jnp.where(grew | (omega < 0), -1.0, omega))
+    new = jnp.where(measured, 2.0 / (1.0 + jnp.sqrt(1.0 - rate)), omega)
+    new = jnp.where(omega < 0, 1.0, new)  # the plain block after a reset is done
+    grew = (omega > 1.0) & ~(err <= GROWTH * prev)
+    return jax.lax.stop_gradient(jnp.where(grew, -1.0, new))
 
 
 def _report(it, err, max_iterations):
