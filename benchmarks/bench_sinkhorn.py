@@ -8,16 +8,20 @@ medians of `--repeats` runs after compilation. Every solver's final marginal err
 the compiled solve (arguments + outputs + temporaries, `memory_analysis()`); the
 process's peak resident memory is printed at the end.
 
+monge runs in each of `--modes` (dense: stored cost matrix; online: blocks recomputed,
+memory O(n + m)); OTT-JAX runs once per problem, dense (its online mode, batch_size=,
+crashes on JAX 0.10: `batching.is_vmappable`), and both monge modes are compared with it.
+
 Usage:  python benchmarks/bench_sinkhorn.py [--sizes 1000 4000 16000] [--dims 2 32]
-            [--rel-eps 0.05 0.005] [--online] [--pot] [--pot-max-n 1000] [--out FILE.md]
-The n = 100k online run: --sizes 100000 --dims 2 --rel-eps 0.05 --online --repeats 1
-(OTT is skipped above --ott-max-n: its online mode crashes on current JAX and a dense
-100k × 100k matrix is 40 GB).
+            [--rel-eps 0.05 0.005] [--modes dense online] [--pot] [--out FILE.md]
+The n = 100k online run: --sizes 100000 --dims 2 --rel-eps 0.05 --modes online
+(OTT is skipped above --ott-max-n: a dense 100k × 100k matrix is 40 GB).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import statistics
@@ -46,7 +50,8 @@ def timed(fn, args, repeats):
     if mem is not None:
         total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
         megabytes = total / 2**20
-    out = jax.block_until_ready(compiled(*args))
+    if repeats > 1:  # compiled ahead of time above; one warm-up run for the caches
+        out = jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -88,7 +93,7 @@ def run_monge(x, y, eps, repeats, online):
     return t, int(it), marginal_error(np.asarray(f), np.asarray(g), x, y, eps, weighted=True), mb
 
 
-def run_ott(x, y, eps, repeats, online):
+def run_ott(x, y, eps, repeats):
     from ott.geometry import pointcloud
     from ott.problems.linear import linear_problem
     from ott.solvers.linear import sinkhorn
@@ -96,7 +101,7 @@ def run_ott(x, y, eps, repeats, online):
     solver = sinkhorn.Sinkhorn(threshold=TARGET, max_iterations=10_000)
 
     def solve(x, y, eps):
-        geom = pointcloud.PointCloud(x, y, epsilon=eps, batch_size=1024 if online else None)
+        geom = pointcloud.PointCloud(x, y, epsilon=eps)
         out = solver(linear_problem.LinearProblem(geom))
         return out.f, out.g, out.n_iters
 
@@ -123,60 +128,63 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
     p.add_argument("--dims", type=int, nargs="+", default=[2, 32])
     p.add_argument("--rel-eps", type=float, nargs="+", default=[0.05, 0.005])
-    p.add_argument("--online", action="store_true", help="online (chunked) geometries")
+    p.add_argument("--modes", nargs="+", default=["dense", "online"], choices=["dense", "online"])
     p.add_argument("--pot", action="store_true", help="also run POT's float64 log-domain Sinkhorn (slow)")
     p.add_argument("--pot-max-n", type=int, default=1000, help="run POT only up to this n")
     p.add_argument("--ott-max-n", type=int, default=20000, help="run OTT only up to this n")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (median); default 3 up to n = 1000, else 1")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    cols = ["n", "d", "eps/mean", "mode", "monge s", "monge it", "monge err", "monge MB", "OTT s", "OTT it", "OTT err", "OTT MB", "OTT/monge"]
+    cols = ["n", "d", "eps/mean", "monge mode", "monge s", "monge it", "monge err", "monge MB", "OTT s", "OTT it", "OTT err", "OTT MB", "OTT/monge"]
     if args.pot:
         cols += ["POT s", "POT err", "POT/monge"]
     rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     print(rows[0], flush=True)
     ratios, pot_ratios = [], []
     for n in args.sizes:
+        repeats = args.repeats or (3 if n <= 1000 else 1)
         for d in args.dims:
             x, y = data(n, d)
             w = jnp.full(n, 1 / n)
             mean = float(monge.PointCloud(x, y, online=n * n > 2**25).mean_cost(w, w))
             for rel in args.rel_eps:
                 eps = jnp.float32(rel * mean)
-                mode = "online" if args.online else "dense"
-                tm, im, em, mm = run_monge(x, y, eps, args.repeats, args.online)
-                row = [n, d, rel, mode, f"{tm:.3f}", im, f"{em:.1e}", f"{mm:.0f}"]
+                ott = None
                 if n <= args.ott_max_n:
                     try:
-                        to, io, eo, mo = run_ott(x, y, eps, args.repeats, args.online)
-                    except Exception as error:  # OTT 0.6's online mode fails on recent JAX
-                        print(f"OTT {mode} failed ({type(error).__name__}: {str(error)[:80]}); timing OTT dense instead")
-                        to, io, eo, mo = run_ott(x, y, eps, args.repeats, False)
-                        row[3] += " (OTT dense: its online mode crashes)"
-                    ratios.append(to / tm)
-                    row += [f"{to:.3f}", io, f"{eo:.1e}", f"{mo:.0f}", f"{to / tm:.1f}×"]
-                else:
-                    row += ["—"] * 5
-                if args.pot:
-                    if n <= args.pot_max_n:
-                        tp, ep = run_pot(x, y, float(eps))
-                        pot_ratios.append(tp / tm)
-                        row += [f"{tp:.2f}", f"{ep:.1e}", f"{tp / tm:.0f}×"]
+                        ott = run_ott(x, y, eps, repeats)
+                    except Exception as error:  # e.g. out of memory
+                        print(f"OTT failed: {type(error).__name__}: {str(error)[:120]}")
+                pot = run_pot(x, y, float(eps)) if args.pot and n <= args.pot_max_n else None
+                for mode in args.modes:
+                    tm, im, em, mm = run_monge(x, y, eps, repeats, mode == "online")
+                    row = [n, d, rel, mode, f"{tm:.3f}", im, f"{em:.1e}", f"{mm:.0f}"]
+                    if ott is not None:
+                        to, io, eo, mo = ott
+                        ratios.append(to / tm)
+                        row += [f"{to:.3f}", io, f"{eo:.1e}", f"{mo:.0f}", f"{to / tm:.1f}×"]
                     else:
-                        row += ["—"] * 3
-                rows.append("| " + " | ".join(map(str, row)) + " |")
-                print(rows[-1], flush=True)
+                        row += ["—"] * 5
+                    if args.pot:
+                        if pot is not None:
+                            tp, ep = pot
+                            pot_ratios.append(tp / tm)
+                            row += [f"{tp:.2f}", f"{ep:.1e}", f"{tp / tm:.0f}×"]
+                        else:
+                            row += ["—"] * 3
+                    rows.append("| " + " | ".join(map(str, row)) + " |")
+                    print(rows[-1], flush=True)
     table = "\n".join(rows)
     lines = []
     if ratios:
-        lines.append(f"median OTT/monge: {statistics.median(ratios):.2f}×, min {min(ratios):.2f}×")
+        lines.append(f"median OTT/monge: {statistics.median(ratios):.2f}×, min {min(ratios):.2f}× ({len(ratios)} rows)")
     if pot_ratios:
-        lines.append(f"median POT/monge: {statistics.median(pot_ratios):.0f}×, min {min(pot_ratios):.0f}×")
+        lines.append(f"median POT/monge: {statistics.median(pot_ratios):.0f}×, min {min(pot_ratios):.0f}× ({len(pot_ratios)} rows)")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     lines.append(
         f"peak resident memory of this process: {peak:.0f} MB — {platform.processor() or platform.machine()}, "
-        f"{jax.devices()[0].platform}, jax {jax.__version__}, monge {monge.__version__}"
+        f"{os.cpu_count()} cores, {jax.devices()[0].platform}, jax {jax.__version__}, monge {monge.__version__}"
     )
     summary = "\n".join(lines)
     print(summary)

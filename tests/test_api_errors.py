@@ -55,7 +55,7 @@ def test_other_constructors_reject_bad_input():
         monge.PointCloud(X, Y, chunk_size=0)
     with pytest.raises(ValueError, match=r"`Sinkhorn` solves a monge.LinearProblem"):
         monge.Sinkhorn()(X)
-    with pytest.raises(ValueError, match=r"`initializer` must be one of 'zeros', 'gaussian'; received 'nope'"):
+    with pytest.raises(ValueError, match=r"`initializer` must be one of 'auto', 'zeros', 'gaussian', 'sorting', 'subsample'; received 'nope'"):
         monge.Sinkhorn(initializer="nope")
     with pytest.raises(ValueError, match=r"`initializer='gaussian'` needs a point-cloud problem with the squared Euclidean cost; received a CostMatrix"):
         monge.Sinkhorn(initializer="gaussian")(monge.LinearProblem(monge.CostMatrix(np.ones((2, 3)))))
@@ -111,7 +111,7 @@ def test_converged_status_and_error_history():
     assert bool(sol.converged) and int(sol.status) == monge.Status.CONVERGED
     assert sol.message.startswith("converged")
     errors = np.asarray(sol.errors)
-    done = int(sol.n_iters) // 10
+    done = -(-int(sol.n_iters) // 10)  # blocks run (the last may stop early)
     assert errors[done - 1] <= 1e-4 < errors[0]
     assert np.all(errors[done:] == -1)
 

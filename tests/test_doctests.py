@@ -10,6 +10,7 @@ MODULES = [
     "monge.geometry",
     "monge.front",
     "monge.solvers.sinkhorn",
+    "monge.solvers.initializers",
     "monge.solvers.exact",
     "monge.solvers.partial",
     "monge.solvers.smooth",

@@ -7,16 +7,44 @@ the solver stops gradients through it, so gradients are those of the optimum.
 
 Each initializer is one function `potential(geom, a, b, eps) -> f0` registered in
 `_POTENTIALS`, plus a rule in `check_applicable` saying which problems it accepts.
+`eps` is the epsilon the solve starts at (above the target when annealing).
+
+Example:
+    >>> import jax.numpy as jnp, monge
+    >>> x, y = jnp.linspace(0, 1, 7)[:, None], jnp.linspace(0.5, 2, 11)[:, None]
+    >>> problem = monge.LinearProblem(monge.PointCloud(x, y), epsilon=1e-3)
+    >>> sol = monge.Sinkhorn(initializer="sorting", anneal=False)(problem)
+    >>> bool(sol.converged), int(sol.n_iters)  # "zeros": 1270 iterations
+    (True, 30)
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from monge.costs import SqEuclidean
+from monge.costs import Euclidean, PNorm, SqEuclidean
 from monge.geometry import PointCloud
 
-__all__ = ["NAMES", "check_name", "check_applicable", "initial_potential", "gaussian_potential"]
+__all__ = [
+    "NAMES",
+    "SUBSAMPLE",
+    "check_name",
+    "check_applicable",
+    "initial_potential",
+    "gaussian_potential",
+    "sorting_potential",
+    "subsample_potential",
+]
+
+#: Points kept from each cloud by ``initializer="subsample"``: the small problem costs
+#: $O(k^2)$ per iteration against $O(nm)$ for the full one, and its potential, extended
+#: by a c-transform, is a rough start. See `benchmarks/bench_init.py`.
+SUBSAMPLE = 1024
+
+#: Costs $h(x - y)$ with $h$ convex on the line, for which sorting gives the optimum.
+_CONVEX_1D = (SqEuclidean, Euclidean, PNorm)
 
 
 def gaussian_potential(x, y, a, b):
@@ -51,10 +79,120 @@ def _gaussian(geom, a, b, eps):
     return gaussian_potential(geom.x, geom.y, a, b)
 
 
-_POTENTIALS = {"gaussian": _gaussian}
+def sorting_potential(x, y, a, b, cost):
+    r"""Exact dual potential $f$ of unregularised 1-D OT, from the monotone coupling.
 
-#: Accepted names; ``"zeros"`` is the plain start $f_0 = 0$.
-NAMES = ("zeros", *_POTENTIALS)
+    For $c(x, y) = h(x - y)$ with $h$ convex, $C$ on sorted points is a Monge matrix
+    ($C_{ij} + C_{i'j'} \le C_{ij'} + C_{i'j}$ for $i < i'$, $j < j'$), so the
+    north-west corner coupling of the sorted points is optimal. Its support is a
+    staircase of $n + m - 1$ pairs, a spanning tree on which $f_i + g_j = C_{ij}$ fixes
+    the duals up to a constant; the Monge property makes them feasible ($f_i + g_j \le
+    C_{ij}$ everywhere), hence optimal. The walk entering row $i$ from row $i - 1$ in
+    column $j(i)$ gives $f_i = f_{i-1} + C_{i,j(i)} - C_{i-1,j(i)}$, with $j(i)$ the
+    number of column breakpoints $\sum_{l \le j} b_l$ (sorted) at or below $\sum_{k
+    < i} a_k$ (likewise $g$): a `searchsorted` and a `cumsum`, $O((n + m)\log(n +
+    m))$, no cost matrix (Thornton & Cuturi, 2022, §3; Peyré & Cuturi, 2019, §2.6 and
+    §3.4). The constant is set so that $\sum_i a_i f_i = \sum_j b_j g_j$ (weights
+    normalised): balanced problems ignore it, unbalanced ones with near-equal masses
+    need it (their optimum has $\sum a e^{-f/\rho} = \sum b e^{-g/\rho}$).
+
+    Args:
+        x: source points, shape `(n, 1)`; y: target points, shape `(m, 1)`.
+        a, b: non-negative weights (normalised here, so any masses work).
+        cost: a `monge.costs` cost $h(x - y)$ with $h$ convex (not checked here).
+
+    Returns:
+        $f$, shape `(n,)`, in the order of `x`.
+    """
+    order_x, order_y = jnp.argsort(x[:, 0]), jnp.argsort(y[:, 0])
+    xs, ys = x[order_x], y[order_y]
+    a, b = a[order_x] / jnp.sum(a), b[order_y] / jnp.sum(b)
+    cu, cv = jnp.cumsum(a), jnp.cumsum(b)
+    cu, cv = cu / cu[-1], cv / cv[-1]  # both end at exactly 1
+    pair = jax.vmap(cost)
+    # column in which the walk enters row i, row in which it enters column j (at
+    # equal breakpoints the column moves first)
+    j = jnp.searchsorted(cv[:-1], cu[:-1], side="right")
+    i = jnp.searchsorted(cu[:-1], cv[:-1], side="left")
+    f = _cumsum0(pair(xs[1:], ys[j]) - pair(xs[:-1], ys[j]))
+    g = cost(xs[0], ys[0]) + _cumsum0(pair(xs[i], ys[1:]) - pair(xs[i], ys[:-1]))
+    f = f + (b @ g - a @ f) / 2  # centred: sum a f = sum b g
+    return jnp.zeros_like(f).at[order_x].set(f)
+
+
+def _cumsum0(steps):
+    return jnp.concatenate([jnp.zeros((1,), steps.dtype), jnp.cumsum(steps)])
+
+
+def _sorting(geom, a, b, eps):
+    return sorting_potential(geom.x, geom.y, a, b, geom.cost)
+
+
+def subsample_potential(geom, a, b, eps, k=None):
+    r"""Entropic potential of a subsampled problem, extended to every point.
+
+    Keeps $k = \min(n, m, \texttt{SUBSAMPLE})$ evenly strided points $y'$ (and $x'$)
+    of each cloud with renormalised weights $b'$ (and $a'$), solves that problem with
+    `monge.Sinkhorn` at the same epsilon for its potential $g'$, and returns the
+    c-transform $f_i = -\varepsilon \log \sum_j b'_j e^{(g'_j - c(x_i, y'_j))/
+    \varepsilon}$ at every $x_i$, shifted so that $\sum_i a_i f_i = \sum_j b'_j g'_j$
+    (see `sorting_potential`): $O(nk)$, online when `geom` is (Thornton & Cuturi, 2022;
+    the `SubsampleInitializer` of OTT-JAX).
+
+    When $n = m \le$ `SUBSAMPLE` nothing is dropped: the start is then the problem's
+    own solution to the small solve's threshold ($10^{-3}$), and the outer solve's
+    `n_iters` does not count the small solve's iterations.
+
+    Args:
+        geom: a `PointCloud`; a, b: its weights; eps: the epsilon the solve starts at.
+        k: points per cloud; default `min(n, m, SUBSAMPLE)`.
+
+    Returns:
+        $f$, shape `(n,)`; zeros if the small solve produced non-finite values.
+    """
+    from monge.problems import LinearProblem  # monge.solvers imports this module
+    from monge.solvers.sinkhorn import Sinkhorn
+
+    n, m = geom.shape
+    k = min(n, m, SUBSAMPLE) if k is None else k
+    x, y, a, b, eps = jax.lax.stop_gradient((geom.x, geom.y, a, b, eps))
+
+    def take(z, w):
+        index = (np.arange(k) * z.shape[0]) // k  # evenly strided, static
+        w = w[index]
+        total = jnp.sum(w)
+        w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1), 1 / k)
+        return z[index], w
+
+    (x_sub, a_sub), (y_sub, b_sub) = take(x, a), take(y, b)
+    small = LinearProblem(PointCloud(x_sub, y_sub, geom.cost), a_sub, b_sub, epsilon=eps)
+    g_sub = Sinkhorn()(small).g
+    f = -eps * PointCloud(x, y_sub, geom.cost, online=geom.online).lse(g_sub, eps, 1, w=b_sub)
+    f = f + (b_sub @ g_sub - a @ f / jnp.sum(a)) / 2  # centred, as in sorting_potential
+    return jnp.where(jnp.all(jnp.isfinite(f)), f, jnp.zeros_like(f))
+
+
+_POTENTIALS = {"gaussian": _gaussian, "sorting": _sorting, "subsample": subsample_potential}
+
+#: Accepted names; ``"zeros"`` is the plain start $f_0 = 0$, ``"auto"`` picks one
+#: (`resolve`).
+NAMES = ("auto", "zeros", *_POTENTIALS)
+
+#: Starts that are already the unregularised optimum: annealing from a larger epsilon
+#: would only move away from them, so the solver does not anneal after them.
+EXACT = ("sorting",)
+
+
+def resolve(name, geom) -> str:
+    """The initializer ``"auto"`` stands for on `geom`: ``"sorting"`` where it applies
+    (1-D point clouds, convex cost; it saves most iterations, see
+    `benchmarks/bench_init.py`), else ``"zeros"``. Other names are returned as is."""
+    if name != "auto":
+        return name
+    cloud = isinstance(geom, PointCloud)
+    if cloud and geom.x.shape[1] == 1 and isinstance(geom.cost, _CONVEX_1D):
+        return "sorting"
+    return "zeros"
 
 
 def check_name(name) -> None:
@@ -66,6 +204,26 @@ def check_name(name) -> None:
 
 def check_applicable(name, geom) -> None:
     """Raise a ValueError if initializer `name` cannot start a problem on `geom`."""
+    name = resolve(name, geom)
+    cloud = isinstance(geom, PointCloud)
+    if name == "sorting" and not (
+        cloud and geom.x.shape[1] == 1 and isinstance(geom.cost, _CONVEX_1D)
+    ):
+        what = (
+            f"a PointCloud in dimension d={geom.x.shape[1]} with cost {type(geom.cost).__name__}"
+            if cloud
+            else f"a {type(geom).__name__}"
+        )
+        raise ValueError(
+            "`initializer='sorting'` needs 1-D point clouds (x and y of shape (n, 1)) and "
+            f"the cost 'sqeuclidean', 'euclidean' or PNorm(p); received {what}. Use "
+            "initializer='zeros' (or 'subsample' for other point clouds)."
+        )
+    if name == "subsample" and not cloud:
+        raise ValueError(
+            "`initializer='subsample'` needs a point-cloud problem (it subsamples the "
+            f"points); received a {type(geom).__name__}. Use initializer='zeros'."
+        )
     if name == "gaussian" and not (
         isinstance(geom, PointCloud) and isinstance(geom.cost, SqEuclidean)
     ):
@@ -79,4 +237,5 @@ def check_applicable(name, geom) -> None:
 
 def initial_potential(name, geom, a, b, eps):
     """The initial $f_0$ of initializer `name`, or None for ``"zeros"``."""
+    name = resolve(name, geom)
     return None if name == "zeros" else _POTENTIALS[name](geom, a, b, eps)

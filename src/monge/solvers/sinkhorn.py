@@ -56,7 +56,11 @@ class Sinkhorn(eqx.Module):
         threshold: stop when the L1 marginal (optimality) error is below this; traced.
         max_iterations: at most this many iterations (rounded up to a multiple of
             `inner_iterations`); static.
-        inner_iterations: iterations between two convergence checks; static.
+        inner_iterations: iterations per block: the unit of annealing, relaxation
+            and Anderson decisions, of kernel-mode plan rebuilding and of `errors`.
+            Within a block at the target epsilon with plain updates the error is
+            checked after every iteration (it is free) and the solver stops as soon as
+            it is below `threshold`; `n_iters` counts the iterations run. Static.
         adjoint: `ImplicitAdjoint()` (default) or `UnrolledAdjoint()`.
         progress: print the iteration count and error to stderr after every check
             (through `jax.debug.callback`); static.
@@ -75,16 +79,25 @@ class Sinkhorn(eqx.Module):
             implicit gradient, is the same. Static; `errors` records the error at the
             epsilon of each block.
         anneal_decay: factor in (0, 1) per block of `inner_iterations`; traced.
-        initializer: ``"zeros"`` (default) or ``"gaussian"`` (Thornton & Cuturi, 2022):
-            start from the dual potential of the Brenier map between Gaussian fits of
-            the two clouds (point clouds with the squared Euclidean cost only); $g$
-            comes from the first update. Fewer iterations when the clouds are roughly
-            an affine image of each other; the fixed point, hence the implicit
-            gradient, is the same. Static.
+        initializer: the start $f_0$ (Thornton & Cuturi, 2022; see
+            `monge.solvers.initializers`); $g_0$ comes from one update, and the fixed
+            point, hence the implicit gradient, is the same for every start.
+            ``"auto"`` (default): ``"sorting"`` where it applies, else ``"zeros"``.
+            ``"sorting"``: the exact unregularised dual of 1-D OT from the monotone
+            coupling (point clouds with d = 1 and cost 'sqeuclidean', 'euclidean' or
+            PNorm), in $O((n + m)\log(n + m))$; annealing is skipped after it.
+            ``"gaussian"``: the dual potential of the Brenier map between Gaussian fits
+            of the two clouds (point clouds, squared Euclidean cost), for clouds
+            roughly an affine image of each other. ``"subsample"``: the c-transform of
+            the potential of a solve on `initializers.SUBSAMPLE` evenly strided points
+            of each cloud (any point cloud and cost). The last two are opt-in: with
+            annealing and relaxation on they rarely save time
+            (`benchmarks/bench_init.py`). Static.
         acceleration: ``"relaxation"`` (default): adaptive successive over-relaxation
             (`_next_omega`): once two blocks at the target epsilon have shown the rate
             of plain Sinkhorn, updates are extrapolated by the optimal factor for that
-            rate; it is switched off for good if the error ever grows.
+            rate; it backs off (one plain block, then a new measurement) if the error
+            grows by more than `GROWTH`.
             ``"anderson"``: Anderson mixing of the last `ANDERSON_MEMORY` blocks at the
             target epsilon (`_anderson`). ``None``: plain Sinkhorn. All keep the fixed
             point, hence the implicit gradient. Static.
@@ -107,7 +120,7 @@ class Sinkhorn(eqx.Module):
     mode: str = eqx.field(default="auto", static=True)
     anneal: bool = eqx.field(default=True, static=True)
     anneal_decay: float = eqx.field(default=0.5, converter=as_float_array)
-    initializer: str = eqx.field(default="zeros", static=True)
+    initializer: str = eqx.field(default="auto", static=True)
     acceleration: str | None = eqx.field(default="relaxation", static=True)
 
     def __check_init__(self):
@@ -200,7 +213,7 @@ class Sinkhorn(eqx.Module):
         n, m = geom.shape
         dtype = a.dtype
         inner = self.inner_iterations
-        if self.anneal:
+        if self.anneal and initializers.resolve(self.initializer, theta[0]) not in initializers.EXACT:
             start = jnp.maximum(eps, default_epsilon(geom, a, b)).astype(dtype)
         else:
             start = eps
@@ -209,14 +222,17 @@ class Sinkhorn(eqx.Module):
             return jnp.maximum(eps, start * self.anneal_decay ** (it // inner))
 
         def block(state):
-            potentials, it, errors, omega, history = state
-            steps = _Steps(geom, a, b, epsilon_at(it), tau_a, tau_b, inner, jnp.maximum(omega, 1.0))
+            potentials, it, errors, omega, history, n_iters = state
+            plain = (epsilon_at(it) <= eps) & (omega <= 1.0)
+            stop_below = jnp.where(plain, self.threshold, -1.0)  # early exit within the block
+            steps = _Steps(geom, a, b, epsilon_at(it), tau_a, tau_b, inner, jnp.maximum(omega, 1.0), stop_below)
             if kernel:  # fast arithmetic; a block that is not finite is redone exactly
-                new = steps.kernel_block(potentials) if dense else steps.shifted_block(potentials)
+                new, n_run = steps.kernel_block(potentials) if dense else steps.shifted_block(potentials)
                 ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(z)) for z in new]))
-                new = jax.lax.cond(ok, lambda: new, lambda: steps.log_block(potentials))
+                new, n_run = jax.lax.cond(ok, lambda: (new, n_run), lambda: steps.log_block(potentials))
             else:
-                new = steps.log_block(potentials)
+                new, n_run = steps.log_block(potentials)
+            n_iters = n_iters + n_run
             err = steps.error(new)
             errors = errors.at[it // inner].set(err)
             if self.acceleration == "relaxation":
@@ -228,10 +244,10 @@ class Sinkhorn(eqx.Module):
             it = it + inner
             if self.progress:
                 jax.debug.callback(_report, it, err, self.max_iterations)
-            return new, it, errors, omega, history
+            return new, it, errors, omega, history, n_iters
 
         def running(state):
-            _, it, errors, _, _ = state
+            _, it, errors, _, _, _ = state
             err = errors[jnp.maximum(it // inner - 1, 0)]
             budget = it < self.n_blocks * inner
             # the last block ran at the target epsilon iff its epsilon was eps
@@ -241,15 +257,17 @@ class Sinkhorn(eqx.Module):
 
         steps = _Steps(geom, a, b, start, tau_a, tau_b, inner, jnp.ones((), dtype))
         f0 = initializers.initial_potential(self.initializer, theta[0], a, b, start)
-        if f0 is None:
-            f0, g0 = jnp.zeros((n,), dtype), jnp.zeros((m,), dtype)
+        if f0 is None:  # one log-domain f update from g = 0
+            f0 = tau_a * steps.f_hat(jnp.zeros((m,), dtype))
         else:  # the start only changes the path, never the fixed point or its gradient
             f0 = jax.lax.stop_gradient(f0.astype(dtype))
-            g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
+        # g0 and f_hat are log-domain updates: from the first block on, the kernel
+        # modes start from consistent potentials (good shifts, no underflowing column)
+        g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
         potentials = (f0, g0, steps.f_hat(g0))
         memory = ANDERSON_MEMORY if self.acceleration == "anderson" else 0
         history = (jnp.zeros((memory, m), dtype), jnp.zeros((memory, m), dtype), jnp.asarray(0))
-        state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype), jnp.ones((), dtype), history)
+        state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype), jnp.ones((), dtype), history, jnp.asarray(0))
         if unrolled:
 
             def masked(state, _):
@@ -260,9 +278,9 @@ class Sinkhorn(eqx.Module):
             state, _ = jax.lax.scan(masked, state, None, self.n_blocks)
         else:
             state = jax.lax.while_loop(running, block, state)
-        (f, g, _), it, errors, _, _ = state
+        (f, g, _), it, errors, _, _, n_iters = state
         error = errors[jnp.maximum(it // self.inner_iterations - 1, 0)]
-        return f, g, (it, errors, error)
+        return f, g, (n_iters, errors, error)
 
 
 class _Steps(eqx.Module):
@@ -286,6 +304,7 @@ class _Steps(eqx.Module):
     tau_b: Array
     inner: int = eqx.field(static=True)
     omega: Array = eqx.field(default=1.0, converter=as_float_array)
+    stop_below: Array = eqx.field(default=-1.0, converter=as_float_array)
 
     def relaxed(self, old, target, k, last_plain: bool = False):
         """`old + omega (target - old)`, plain on the block's last step if asked."""
@@ -293,7 +312,27 @@ class _Steps(eqx.Module):
         return old + omega * (target - old)
 
     def scan(self, one, potentials):
-        return jax.lax.scan(one, potentials, jnp.arange(self.inner))[0]
+        """Run `one(potentials, k)` for k < inner; returns `(potentials, n_run)`.
+
+        The optimality error is free after each iteration (`error` reuses the last
+        update), so once it is at most `stop_below` the remaining iterations of the
+        block are skipped (`lax.cond`). The solver sets `stop_below` to the threshold
+        only where the per-iteration error is the solver's error (target epsilon,
+        plain updates), else to -1.
+        """
+
+        def step(carry, k):
+            potentials, done, n_run = carry
+
+            def run():
+                new, _ = one(potentials, k)
+                return new, self.error(new) <= self.stop_below, n_run + 1
+
+            return jax.lax.cond(done, lambda: carry, run), None
+
+        start = (potentials, jnp.asarray(False), jnp.asarray(0))
+        potentials, _, n_run = jax.lax.scan(step, start, jnp.arange(self.inner))[0]
+        return potentials, n_run
 
     def f_hat(self, g):
         return -self.eps * self.geom.lse(g, self.eps, 1, w=self.b)
