@@ -81,6 +81,42 @@ def test_small_gamma_approaches_exact_ot(data, formulation, gamma):
     assert reg_cost - lp > 0.1 * 0.5 * gamma * np.sum(P_lp**2)  # the bound is not loose
 
 
+@pytest.fixture(scope="module")
+def larger():
+    """80 and 60 weighted points in the unit square: at gamma = 0.1 the dual is badly
+    conditioned (L-BFGS needs hundreds of steps, and stalls in float32)."""
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(size=(80, 2)), rng.uniform(size=(60, 2))
+    a, b = rng.uniform(0.5, 1.5, 80), rng.uniform(0.5, 1.5, 60)
+    return sqdist(x, y), a / a.sum(), b / b.sum()
+
+
+@pytest.mark.parametrize("formulation", ["semi_dual", "dual"])
+def test_float32_converges_and_matches_pot_float64(larger, formulation):
+    C, a, b = larger
+    gamma = 0.1
+    C32, a32, b32 = (z.astype(np.float32) for z in (C, a, b))
+    sol = SmoothOT(gamma=gamma, formulation=formulation)(
+        LinearProblem(CostMatrix(C32), a32, b32)
+    )
+    assert sol.plan.dtype == jnp.float32
+    assert int(sol.status) == 0 and bool(sol.converged) and float(sol.error) <= 1e-4
+    assert int(sol.n_iters) < 100
+    ref = pot_plan("dual", a, b, C, gamma)  # float64
+    np.testing.assert_allclose(np.asarray(sol.plan), ref, atol=5e-5)
+    assert float(sol.reg_cost) == pytest.approx(regularised(ref, C, gamma), rel=1e-5)
+
+
+def test_lbfgs_method_matches_pot(data):
+    C, a, b = data
+    with jax.enable_x64(True):
+        solver = SmoothOT(gamma=1.0, threshold=1e-10, max_iterations=2000, method="lbfgs")
+        sol = solver(LinearProblem(CostMatrix(C), a, b))
+        plan = np.asarray(sol.plan)
+        assert bool(sol.converged)
+    np.testing.assert_allclose(plan, pot_plan("semi_dual", a, b, C, 1.0), atol=2e-6)
+
+
 def test_zero_weight_gives_empty_column_no_nan(data):
     C, a, b = data
     b0 = b.copy()
@@ -209,6 +245,10 @@ def test_throw_when_not_converged(data):
         (
             {"gamma": 1.0, "memory_size": 2.5},
             r"`SmoothOT\(memory_size=...\)` must be a positive integer; received 2\.5",
+        ),
+        (
+            {"gamma": 1.0, "method": "bfgs"},
+            r"`SmoothOT\(method=...\)` must be 'newton' or 'lbfgs'; received 'bfgs'",
         ),
     ],
 )

@@ -109,6 +109,29 @@ def test_binding_k_matches_pot_semi_dual_value(data):
     np.testing.assert_allclose(plan.sum(0), b, atol=1e-12)  # columns are exact
 
 
+def test_float32_binding_k_matches_pot_semi_dual_value():
+    """80 x 60 points at gamma = 0.1, where the smooth plan has up to 6 non-zeros per
+    column: k = 2 binds. float32 reaches POT's float64 semi-dual maximum."""
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(size=(80, 2)), rng.uniform(size=(60, 2))
+    a, b = rng.uniform(0.5, 1.5, 80), rng.uniform(0.5, 1.5, 60)
+    C, a, b = sqdist(x, y), a / a.sum(), b / b.sum()
+    gamma, k = 0.1, 2
+    regul = ot.smooth.SparsityConstrained(max_nz=k, gamma=gamma)
+    _, log = pot(a, b, C, gamma, reg_type="sparsity_constrained", max_nz=k, log=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        pot_value, _ = ot.smooth.semi_dual_obj_grad(log["alpha"], a, b, C, regul)
+    C32, a32, b32 = (z.astype(np.float32) for z in (C, a, b))
+    sol = SparseOT(k, gamma=gamma)(LinearProblem(CostMatrix(C32), a32, b32))
+    plan, f = np.asarray(sol.plan), np.asarray(sol.f, np.float64)
+    with contextlib.redirect_stdout(io.StringIO()):
+        value_at_f, _ = ot.smooth.semi_dual_obj_grad(f, a, b, C, regul)
+    assert float(sol.reg_cost) == pytest.approx(value_at_f, rel=1e-5)
+    assert value_at_f >= pot_value - 1e-5 * abs(pot_value)
+    assert np.count_nonzero(plan, axis=0).max() <= k
+    np.testing.assert_allclose(plan.sum(0), b, atol=1e-6)
+
+
 def _finite_difference(fun, z, h):
     out = np.zeros_like(z)
     for idx in np.ndindex(z.shape):

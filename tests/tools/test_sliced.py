@@ -57,6 +57,14 @@ def test_matches_pot_sliced_with_same_projections(data):
     np.testing.assert_allclose(got, want ** 2, rtol=1e-5)
 
 
+def test_uniform_equal_sizes_match_pot(data):
+    x, theta = data["x"], data["theta"]
+    y = data["y"][:N]
+    want = ot.sliced_wasserstein_distance(x, y, p=2, projections=theta.T)
+    got = sliced_wasserstein(x, y, p=2, directions=theta)
+    np.testing.assert_allclose(got, want ** 2, rtol=1e-5)
+
+
 def test_random_directions_bounded_by_wasserstein_and_key_dependent(data):
     x, y = data["x"], data["y"]
     s0 = sliced_wasserstein(x, y, n_projections=32, key=jax.random.key(0))

@@ -79,6 +79,39 @@ def test_zero_weight_points_are_ignored():
     np.testing.assert_allclose(got, 0.5 * 4 + 0.5 * 1, rtol=1e-6)
 
 
+def test_ties_signed_zeros_and_negative_points():
+    """Repeated points (weights pooled by the sort), -0.0 next to 0.0, negatives."""
+    u = np.array([1.0, -2.0, 0.0, 1.0, -0.0, -2.0, 1.0, 3.5])
+    v = np.array([-0.0, 1.0, 1.0, -3.0, 2.0])
+    a = np.array([0.3, 0.1, 0.2, 0.05, 0.1, 0.05, 0.1, 0.1])
+    b = np.array([0.2, 0.3, 0.1, 0.25, 0.15])
+    got = wasserstein_1d(u, v, a=a, b=b, p=1)
+    np.testing.assert_allclose(got, scipy.stats.wasserstein_distance(u, v, a, b), rtol=1e-5)
+    with jax.enable_x64(True):
+        for p in (1.0, 2.0):
+            np.testing.assert_allclose(
+                wasserstein_1d(u, v, a=a, b=b, p=p), _emd2(u, v, a, b, p), rtol=1e-12)
+        np.testing.assert_allclose(
+            wasserstein_1d(u, v[:4], p=2.0), _emd2(u, v[:4], None, None, 2), rtol=1e-12)
+
+
+def test_batched_uniform_equal_sizes_sorts_each_column(data):
+    U, V = data["U"], data["V"][:N]
+    want = np.mean(np.abs(np.sort(U, axis=0) - np.sort(V, axis=0)) ** 1.5, axis=0)
+    np.testing.assert_allclose(wasserstein_1d(U, V, p=1.5), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m", [N, M])
+def test_uniform_gradients_match_finite_differences_x64(data, m):
+    u, v = data["u"], data["v"][:m]
+    with jax.enable_x64(True):
+        gu, gv = jax.grad(lambda u, v: wasserstein_1d(u, v, p=2.5), argnums=(0, 1))(u, v)
+        fdu = _central_fd(lambda t: float(wasserstein_1d(t, v, p=2.5)), u)
+        fdv = _central_fd(lambda t: float(wasserstein_1d(u, t, p=2.5)), v)
+    np.testing.assert_allclose(gu, fdu, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(gv, fdv, rtol=1e-5, atol=1e-8)
+
+
 def test_batched_equals_loop_over_columns(data):
     d = data
     with jax.enable_x64(True):

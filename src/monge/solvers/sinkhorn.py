@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from monge import _checks
 from jaxtyping import Array
 
-from monge.geometry import AbstractGeometry, CostMatrix, as_float_array
+from monge.geometry import AbstractGeometry, CostMatrix, as_float_array, flushed_exp
 from monge.problems import LinearProblem, default_epsilon
 from monge.solution import MESSAGES, Solution, Status, safe_log
 from monge.solvers import initializers
@@ -257,13 +257,15 @@ class Sinkhorn(eqx.Module):
 
         steps = _Steps(geom, a, b, start, tau_a, tau_b, inner, jnp.ones((), dtype))
         f0 = initializers.initial_potential(self.initializer, theta[0], a, b, start)
-        if f0 is None:  # one log-domain f update from g = 0
-            f0 = tau_a * steps.f_hat(jnp.zeros((m,), dtype))
-        else:  # the start only changes the path, never the fixed point or its gradient
-            f0 = jax.lax.stop_gradient(f0.astype(dtype))
-        # g0 and f_hat are log-domain updates: from the first block on, the kernel
-        # modes start from consistent potentials (good shifts, no underflowing column)
-        g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
+        if f0 is None and dense:  # the stored-matrix kernel block absorbs a rough start
+            f0, g0 = jnp.zeros((n,), dtype), jnp.zeros((m,), dtype)
+        else:
+            if f0 is None:  # one log-domain f update from g = 0
+                f0 = tau_a * steps.f_hat(jnp.zeros((m,), dtype))
+            else:  # the start only changes the path, never the fixed point or its gradient
+                f0 = jax.lax.stop_gradient(f0.astype(dtype))
+            # online, the shifted block needs consistent potentials from its first block
+            g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
         potentials = (f0, g0, steps.f_hat(g0))
         memory = ANDERSON_MEMORY if self.acceleration == "anderson" else 0
         history = (jnp.zeros((memory, m), dtype), jnp.zeros((memory, m), dtype), jnp.asarray(0))
@@ -363,7 +365,7 @@ class _Steps(eqx.Module):
         f0 = self.tau_a * f_hat0  # reference point of the block: u, v stay near 1
         log_a, log_b = safe_log(a), safe_log(b)
         C = self.geom.cost_matrix()
-        P0 = jnp.exp(log_a[:, None] + log_b[None, :] + (f0[:, None] + g0[None, :] - C) / eps)
+        P0 = flushed_exp(log_a[:, None] + log_b[None, :] + (f0[:, None] + g0[None, :] - C) / eps)
         dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
 
         def one(carry, k):

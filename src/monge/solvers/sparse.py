@@ -44,7 +44,10 @@ class SparseOT(eqx.Module):
     Solves the semi-dual (default) or dual of
     $\min_{P \in \Pi(a, b),\, \|P_{:j}\|_0 \le k} \langle C, P\rangle +
     \frac{\gamma}{2}\|P\|_F^2$ by L-BFGS (see the module docstring), using
-    `jax.lax.top_k` for the $k$-sparse projections. POT's
+    `jax.lax.top_k` for the $k$-sparse projections, started from the `SmoothOT`
+    optimum (semismooth Newton, see `monge.solvers.smooth`): where no column of that
+    plan has more than $k$ non-zeros it is the answer already (no L-BFGS step), and
+    otherwise a warm start whose large-scale structure is right. POT's
     `ot.smooth.smooth_ot_semi_dual(a, b, C, reg, reg_type="sparsity_constrained",
     max_nz=k)` solves the same semi-dual with `gamma = reg`.
 
@@ -65,7 +68,8 @@ class SparseOT(eqx.Module):
         formulation: `"semi_dual"` (default) or `"dual"`; static.
         threshold: stop when the L1 marginal error $\|P\mathbf 1 - a\|_1 +
             \|P^\top\mathbf 1 - b\|_1$ is at most this; traced.
-        max_iterations: at most this many L-BFGS iterations; static.
+        max_iterations: at most this many Newton steps for the start, and as many
+            L-BFGS steps after it; static.
         memory_size: number of L-BFGS correction pairs; static.
 
     Returns (when called on a balanced `LinearProblem`, optionally `throw=True`): a
@@ -109,6 +113,7 @@ class SparseOT(eqx.Module):
         check_problem("SparseOT", problem)
         return solve_quadratic(
             problem, self.gamma, self.threshold, formulation=self.formulation,
-            k=min(self.k, problem.geom.shape[0]), max_iterations=self.max_iterations,
+            k=min(self.k, problem.geom.shape[0]), method="newton",
+            max_iterations=self.max_iterations,
             memory_size=self.memory_size, throw=throw, name="SparseOT",
         )

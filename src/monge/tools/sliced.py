@@ -20,7 +20,8 @@ from monge.tools.univariate import (
     _check_weights,
     _is_concrete,
     _float_dtype,
-    _wasserstein_1d_columns,
+    _wasserstein_1d_checked,
+    _wasserstein_1d_rows,
     wasserstein_1d,
 )
 
@@ -133,10 +134,11 @@ def sliced_wasserstein(
                 f"`monge.{fn}(directions=...)` must have shape (k, {d}) (one direction "
                 f"per row, k >= 1, in the dimension of x), got shape {shape}.")
         directions = jnp.asarray(directions, dtype=x.dtype)
-    a = _check_weights(a, x.shape[0], "a", "x", fn, x.dtype)
-    b = _check_weights(b, y.shape[0], "b", "y", fn, x.dtype)
-    p = _check_p(p, fn)
-    costs = wasserstein_1d(x @ directions.T, y @ directions.T, a=a, b=b, p=p)
+    a = None if a is None else _check_weights(a, x.shape[0], "a", "x", fn, x.dtype)
+    b = None if b is None else _check_weights(b, y.shape[0], "b", "y", fn, x.dtype)
+    p = jnp.asarray(_check_p(p, fn), dtype=x.dtype)
+    # One matmul per cloud gives every projection as a row: (k, n), sorted row-wise.
+    costs = _wasserstein_1d_checked(directions @ x.T, directions @ y.T, a, b, p)
     return jnp.mean(costs)
 
 
@@ -145,13 +147,11 @@ def _ascend_direction(x, y, a, b, p, key, learning_rate, n_steps: int, n_init: i
     """Riemannian gradient ascent of $\\theta \\mapsto W_p^p$ on the sphere."""
 
     def objective(theta):
-        return _wasserstein_1d_columns((x @ theta)[:, None], (y @ theta)[:, None],
-                                       a, b, p)[0]
+        return _wasserstein_1d_rows((x @ theta)[None], (y @ theta)[None], a, b, p)[0]
 
     value_and_grad = jax.value_and_grad(objective)
     starts = _random_directions(key, n_init, x.shape[1], x.dtype)
-    theta = starts[jnp.argmax(_wasserstein_1d_columns(x @ starts.T, y @ starts.T,
-                                                      a, b, p))]
+    theta = starts[jnp.argmax(_wasserstein_1d_rows(starts @ x.T, starts @ y.T, a, b, p))]
     value, grad = value_and_grad(theta)
 
     def step(_, state):

@@ -97,26 +97,99 @@ def _check_points(u, v, fn: str, names=("u", "v")) -> tuple[Array, Array, bool]:
     return u, v, batched
 
 
-def _quantile_cost(u: Array, v: Array, a: Array, b: Array, p: Array) -> Array:
-    """$\\int_0^1 |F^{-1} - G^{-1}|^p$ for one column; `a`, `b` sum to one."""
-    iu, iv = jnp.argsort(u), jnp.argsort(v)
-    u_sorted, v_sorted = u[iu], v[iv]
-    cu, cv = jnp.cumsum(a[iu]), jnp.cumsum(b[iv])
-    cu, cv = cu / cu[-1], cv / cv[-1]  # both end at exactly 1
-    # Breakpoints of both CDFs; on (t_{i-1}, t_i] both quantile functions are constant.
-    t = jnp.sort(jnp.concatenate([cu, cv]))
-    dt = jnp.diff(t, prepend=jnp.zeros((1,), t.dtype))
+def _flip(bits: Array) -> Array:
+    """Flips the magnitude bits of negative floats' bit patterns (an involution): signed
+    integer order of the result is float order (-0.0 just below 0.0, NaN last)."""
+    return bits ^ ((bits >> (8 * bits.dtype.itemsize - 1)) & jnp.iinfo(bits.dtype).max)
+
+
+def _sorted_keys(u: Array) -> tuple[Array, Array, Array]:
+    """`(sort(u), sorted keys, keys)` by one sort of integer keys: on CPU about 4 times
+    faster than XLA's float sort (whose comparator orders NaN) or an argsort."""
+    keys = _flip(jax.lax.bitcast_convert_type(u, jnp.dtype(f"int{jnp.finfo(u.dtype).bits}")))
+    sorted_keys = jax.lax.sort(keys)
+    return jax.lax.bitcast_convert_type(_flip(sorted_keys), u.dtype), sorted_keys, keys
+
+
+@jax.custom_jvp
+def _sort(u: Array) -> Array:
+    """`jnp.sort(u)` of a vector, by integer keys; differentiated like `jnp.sort`."""
+    return _sorted_keys(u)[0]
+
+
+@_sort.defjvp
+def _sort_jvp(primals, tangents):
+    (u,), (du,) = primals, tangents
+    perm = jnp.argsort(u)
+    return u[perm], du[perm]
+
+
+@jax.custom_jvp
+def _sort_weighted(u: Array, w: Array) -> tuple[Array, Array]:
+    """`u` sorted, and the weights `w` in the same order: tied points pool their weight
+    on the first of their positions (the measure is the same). Rank by binary search
+    in the sorted keys: cheaper than sorting a second operand along."""
+    u_sorted, sorted_keys, keys = _sorted_keys(u)
+    rank = jnp.searchsorted(sorted_keys, keys, side="left")
+    return u_sorted, jnp.zeros_like(w).at[rank].add(w)
+
+
+@_sort_weighted.defjvp
+def _sort_weighted_jvp(primals, tangents):
+    (u, w), (du, dw) = primals, tangents
+    perm = jnp.argsort(u)  # under differentiation: one position per point, as jnp.sort
+    return (u[perm], w[perm]), (du[perm], dw[perm])
+
+
+def _sorted_cdf(u: Array, w: Array | None) -> tuple[Array, Array]:
+    """Sorted points and the CDF at each of them (ending at exactly 1)."""
+    n = u.shape[0]
+    if w is None:
+        return _sort(u), jnp.arange(1, n + 1, dtype=u.dtype) / n
+    u_sorted, w_sorted = _sort_weighted(u, w)
+    cdf = jnp.cumsum(w_sorted)
+    return u_sorted, cdf / cdf[-1]
+
+
+def _quantile_cost(u: Array, v: Array, a: Array | None, b: Array | None, p: Array) -> Array:
+    r"""$\int_0^1 |F^{-1} - G^{-1}|^p$ for one pair of vectors; `None` weights are uniform.
+
+    The breakpoints of both CDFs, merged (ties: `u`'s first), cut $(0, 1]$ into
+    intervals on which both quantile functions are constant. Each breakpoint closes
+    one interval, whose left end is the largest breakpoint before it: found by one
+    binary search of `u`'s CDF in `v`'s, without sorting their union."""
     n, m = u.shape[0], v.shape[0]
-    i = jnp.minimum(jnp.searchsorted(cu, t, side="left"), n - 1)
-    j = jnp.minimum(jnp.searchsorted(cv, t, side="left"), m - 1)
-    return jnp.sum(dt * jnp.abs(u_sorted[i] - v_sorted[j]) ** p)
+    u_sorted, cu = _sorted_cdf(u, a)
+    v_sorted, cv = _sorted_cdf(v, b)
+    if a is None and b is None and n == m:
+        return jnp.mean(jnp.abs(u_sorted - v_sorted) ** p)
+    zero = jnp.zeros((1,), cu.dtype)
+    cu0, cv0 = jnp.concatenate([zero, cu]), jnp.concatenate([zero, cv])
+    # j[r]: v's breakpoints before cu[r] (cv < cu[r]); i[s]: u's before cv[s] (cu <= cv[s]),
+    # counted from j (cu[r] <= cv[s] iff j[r] <= s) rather than by a second search.
+    j = jnp.searchsorted(cv, cu, side="left")
+    i = jnp.cumsum(jnp.zeros((m,), j.dtype).at[j].add(1, mode="drop"))
+    du = cu - jnp.maximum(cu0[:-1], cv0[j])
+    dv = cv - jnp.maximum(cv0[:-1], cu0[i])
+    cost_u = du * jnp.abs(u_sorted - v_sorted[jnp.minimum(j, m - 1)]) ** p
+    cost_v = dv * jnp.abs(u_sorted[jnp.minimum(i, n - 1)] - v_sorted) ** p
+    return jnp.sum(cost_u) + jnp.sum(cost_v)
 
 
-def _wasserstein_1d_columns(u: Array, v: Array, a: Array, b: Array, p: Array) -> Array:
-    """$W_p^p$ of each column pair of `u` (n, k) and `v` (m, k); no input checks."""
-    a = a / jnp.sum(a)
-    b = b / jnp.sum(b)
-    return jax.vmap(_quantile_cost, in_axes=(1, 1, None, None, None))(u, v, a, b, p)
+def _wasserstein_1d_rows(
+    u: Array, v: Array, a: Array | None, b: Array | None, p: Array
+) -> Array:
+    """$W_p^p$ of each row pair of `u` (k, n) and `v` (k, m); no input checks.
+
+    Rows in parallel (`vmap`), except on CPU, where a loop over them (`lax.map`) is
+    1.1 to 1.8 times faster: XLA's CPU sort, gathers and binary searches gain nothing
+    from a batch dimension, and one row's arrays stay in cache."""
+    def one(rows):
+        return _quantile_cost(*rows, a, b, p)
+
+    return jax.lax.platform_dependent(
+        (u, v), cpu=lambda rows: jax.lax.map(one, rows), default=jax.vmap(one)
+    )
 
 
 def _error_if_bad_weights(w: Array, name: str) -> Array:
@@ -128,12 +201,15 @@ def _error_if_bad_weights(w: Array, name: str) -> Array:
 
 
 @jax.jit
-def _wasserstein_1d_checked(u: Array, v: Array, a: Array, b: Array, p: Array) -> Array:
-    """Jitted entry: checks traced values (p, weights), then solves every column."""
+def _wasserstein_1d_checked(
+    u: Array, v: Array, a: Array | None, b: Array | None, p: Array
+) -> Array:
+    """Jitted entry: checks traced values (p, weights), then solves every row pair of
+    `u` (k, n), `v` (k, m); `None` weights are uniform (a faster path)."""
     p = eqx.error_if(p, ~(p >= 1), "`monge.wasserstein_1d(p=...)` must be >= 1.")
-    a = _error_if_bad_weights(a, "a")
-    b = _error_if_bad_weights(b, "b")
-    return _wasserstein_1d_columns(u, v, a, b, p)
+    a = None if a is None else _error_if_bad_weights(a, "a")
+    b = None if b is None else _error_if_bad_weights(b, "b")
+    return _wasserstein_1d_rows(u, v, a, b, p)
 
 
 def wasserstein_1d(
@@ -185,8 +261,8 @@ def wasserstein_1d(
     """
     fn = "wasserstein_1d"
     u, v, batched = _check_points(u, v, fn)
-    a = _check_weights(a, u.shape[0], "a", "u", fn, u.dtype)
-    b = _check_weights(b, v.shape[0], "b", "v", fn, u.dtype)
+    a = None if a is None else _check_weights(a, u.shape[0], "a", "u", fn, u.dtype)
+    b = None if b is None else _check_weights(b, v.shape[0], "b", "v", fn, u.dtype)
     p = jnp.asarray(_check_p(p, fn), dtype=u.dtype)
-    cost = _wasserstein_1d_checked(u, v, a, b, p)
+    cost = _wasserstein_1d_checked(u.T, v.T, a, b, p)
     return cost if batched else cost[0]
