@@ -20,19 +20,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import monge
+from bench_sinkhorn import TARGET, data  # the same problems as the speed table
 from monge.solvers import initializers
-
-TARGET = 1e-3
-
-
-def data(n, d, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    y = (rng.normal(size=(n, d)) * 0.8 + 0.5).astype(np.float32)
-    return x, y
 
 
 def run(x, y, eps, init, anneal, repeats):
