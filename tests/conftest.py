@@ -1,6 +1,7 @@
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -36,3 +37,13 @@ def sqdist(x, y):
     """Independent squared Euclidean cost matrix in float64 (NumPy differences)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     return ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+
+
+def central_difference(fun, z, h):
+    """Central finite differences of a scalar `fun` at every entry of the array `z`."""
+    out = np.zeros_like(z)
+    for idx in np.ndindex(z.shape):
+        e = np.zeros_like(z)
+        e[idx] = h
+        out[idx] = (float(fun(jnp.asarray(z + e))) - float(fun(jnp.asarray(z - e)))) / (2 * h)
+    return out

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import ot
 import pytest
-from conftest import sqdist, compile_log
+from conftest import central_difference, compile_log, sqdist
 
 from monge import CostMatrix, LinearProblem, PointCloud
 from monge.solvers.smooth import SmoothOT
@@ -132,15 +132,6 @@ def test_zero_weight_gives_empty_column_no_nan(data):
     np.testing.assert_allclose(plan[:, keep], ref, atol=2e-6)
 
 
-def _finite_difference(fun, z, h):
-    out = np.zeros_like(z)
-    for idx in np.ndindex(z.shape):
-        e = np.zeros_like(z)
-        e[idx] = h
-        out[idx] = (float(fun(jnp.asarray(z + e))) - float(fun(jnp.asarray(z - e)))) / (2 * h)
-    return out
-
-
 @pytest.mark.parametrize("formulation, output", [("dual", "reg_cost"), ("semi_dual", "cost")])
 def test_gradient_wrt_cost_matches_finite_differences(clouds, formulation, output):
     x, y, _, _ = clouds
@@ -152,7 +143,7 @@ def test_gradient_wrt_cost_matches_finite_differences(clouds, formulation, outpu
         )
         fun = jax.jit(lambda C: getattr(solver(LinearProblem(CostMatrix(C), a, b)), output))
         grad = np.asarray(jax.jit(jax.grad(fun))(jnp.asarray(C)))
-        fd = _finite_difference(fun, C, 1e-4)
+        fd = central_difference(fun, C, 1e-4)
     np.testing.assert_allclose(grad, fd, atol=1e-7)
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import ot
 import pytest
-from conftest import sqdist, compile_log
+from conftest import central_difference, compile_log, sqdist
 from scipy.optimize import linear_sum_assignment
 
 from monge import CostMatrix, LinearProblem
@@ -132,15 +132,6 @@ def test_float32_binding_k_matches_pot_semi_dual_value():
     np.testing.assert_allclose(plan.sum(0), b, atol=1e-6)
 
 
-def _finite_difference(fun, z, h):
-    out = np.zeros_like(z)
-    for idx in np.ndindex(z.shape):
-        e = np.zeros_like(z)
-        e[idx] = h
-        out[idx] = (float(fun(jnp.asarray(z + e))) - float(fun(jnp.asarray(z - e)))) / (2 * h)
-    return out
-
-
 @pytest.mark.parametrize("k, output", [(1, "reg_cost"), (4, "cost")])
 def test_gradient_wrt_cost_matches_finite_differences(square, k, output):
     C, _ = square
@@ -150,7 +141,7 @@ def test_gradient_wrt_cost_matches_finite_differences(square, k, output):
         fun = jax.jit(lambda C: getattr(solver(LinearProblem(CostMatrix(C))), output))
         assert bool(solver(LinearProblem(CostMatrix(C))).converged)
         grad = np.asarray(jax.jit(jax.grad(fun))(jnp.asarray(C)))
-        fd = _finite_difference(fun, C, 1e-5)
+        fd = central_difference(fun, C, 1e-5)
     np.testing.assert_allclose(grad, fd, atol=1e-6)
     assert np.abs(fd).max() > 0.05
 
