@@ -1,5 +1,6 @@
 """Sinkhorn accelerations against independent references: one-pass (shifted)
-log-sum-exp vs scipy, online kernel mode and over-relaxation vs POT plans (float64),
+log-sum-exp vs scipy, the fused online sweep vs NumPy log-domain updates, online
+kernel mode and over-relaxation vs POT plans (float64),
 the relaxation factor vs its closed form."""
 
 import jax
@@ -11,7 +12,7 @@ from conftest import sqdist
 from scipy.special import logsumexp
 
 import monge
-from monge.solvers.sinkhorn import _next_omega
+from monge.solvers.sinkhorn import _next_omega, _Steps
 
 
 def pot_plan(a, b, M, eps, **kw):
@@ -54,11 +55,51 @@ def test_online_kernel_mode_matches_pot(clouds):
             np.testing.assert_allclose(np.asarray(sol.plan), P, atol=1e-10)
 
 
+@pytest.mark.parametrize("tau, omega", [(1.0, 1.0), (0.7, 1.6)], ids=["plain", "unbalanced-relaxed"])
+def test_fused_sweep_equals_alternating_log_updates(tau, omega):
+    """The online kernel block (one fused pass per iteration, `_Steps.fused_block`)
+    computes the iterates of alternating two-pass log-sum-exps (POT's formulas, written
+    out in NumPy float64), zero weights included; in float32 it stays finite."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(13, 3)), rng.normal(size=(11, 3)) + 0.3
+    a, b = rng.uniform(0.5, 1.5, 13), rng.uniform(0.5, 1.5, 11)
+    a[2], b[4] = 0.0, 0.0
+    a, b = a / a.sum(), b / b.sum()
+    M, eps, inner = sqdist(x, y), 0.4, 4
+    with np.errstate(divide="ignore"):
+        log_a, log_b = np.log(a), np.log(b)
+
+    def f_hat(g):
+        return -eps * logsumexp(log_b[None, :] + (g[None, :] - M) / eps, axis=1)
+
+    def g_hat(f):
+        return -eps * logsumexp(log_a[:, None] + (f[:, None] - M) / eps, axis=0)
+
+    f, g = rng.normal(size=13) * 0.1, g_hat(rng.normal(size=13) * 0.1)
+    start = (f, g, f_hat(g) + 0.05)  # the third entry is only the fused block's shift
+    f_ref, g_ref = f, g
+    for k in range(inner):
+        w = omega if k < inner - 1 else 1.0  # the block's last g update is plain
+        f_ref = f_ref + omega * (tau * f_hat(g_ref) - f_ref)
+        g_ref = g_ref + w * (tau * g_hat(f_ref) - g_ref)
+    for dtype, rtol in ((jnp.float64, 1e-11), (jnp.float32, 2e-4)):
+        with jax.enable_x64(dtype == jnp.float64):
+            geom = monge.PointCloud(jnp.asarray(x, dtype), jnp.asarray(y, dtype), online=True, chunk_size=4)
+            steps = _Steps(geom, jnp.asarray(a, dtype), jnp.asarray(b, dtype), jnp.asarray(eps, dtype),
+                           jnp.asarray(tau, dtype), jnp.asarray(tau, dtype), inner, omega)
+            (f1, g1, fh1), n_run = steps.fused_block(tuple(jnp.asarray(z, dtype) for z in start))
+            assert int(n_run) == inner
+            scale = np.abs(f_ref).max()
+            np.testing.assert_allclose(np.asarray(f1), f_ref, rtol=rtol, atol=rtol * scale)
+            np.testing.assert_allclose(np.asarray(g1), g_ref, rtol=rtol, atol=rtol * scale)
+            np.testing.assert_allclose(np.asarray(fh1), f_hat(g_ref), rtol=rtol, atol=rtol * scale)
+
+
 def test_online_kernel_mode_falls_back_in_float32():
     """float32, epsilon divided by 100 between blocks (anneal_decay=0.01): the shifted
-    one-pass sums of the block after each drop overflow (exponents scale by 100; checked
-    by hand on `_Steps.shifted_block`) and are redone in the log domain; the plan still
-    matches POT's float64 one."""
+    one-pass sums of the block after the drop overflow (exponents scale by 100; checked
+    by hand on `_Steps.fused_block`: one fallback, at the target epsilon) and are redone
+    in the log domain; the plan still matches POT's float64 one."""
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(23, 2)), rng.normal(size=(17, 2)) * 0.5 + 2.0
     a, b = np.full(23, 1 / 23), np.full(17, 1 / 17)

@@ -11,11 +11,18 @@ from conftest import compile_log
 EPS = 0.7
 
 
-def loss(x, y, a, b, eps, *, tau=1.0, implicit=True, online=None):
-    sol = monge.solve(
-        x, y, a=a, b=b, epsilon=eps, tau_a=tau, tau_b=tau, threshold=1e-12,
-        max_iterations=5000, implicit_diff=implicit, online=online,
-    )
+def loss(x, y, a, b, eps, *, tau=1.0, implicit=True, chunk_size=None):
+    if chunk_size is None:
+        sol = monge.solve(
+            x, y, a=a, b=b, epsilon=eps, tau_a=tau, tau_b=tau, threshold=1e-12,
+            max_iterations=5000, implicit_diff=implicit,
+        )
+    else:  # online, in blocks of chunk_size lines
+        geom = monge.PointCloud(x, y, online=True, chunk_size=chunk_size)
+        assert geom.is_online
+        adjoint = monge.ImplicitAdjoint() if implicit else monge.UnrolledAdjoint()
+        solver = monge.Sinkhorn(threshold=1e-12, max_iterations=5000, adjoint=adjoint)
+        sol = solver(monge.LinearProblem(geom, a, b, epsilon=eps, tau_a=tau, tau_b=tau))
     # A mix of gauge-invariant outputs: cost, regularised cost, plan, map.
     return sol.cost + 0.5 * sol.reg_cost + jnp.sum(sol.plan**2) + 0.1 * jnp.sum(sol.transport(x[:2]) ** 2)
 
@@ -104,7 +111,7 @@ def test_online_equals_dense(clouds):
         np.testing.assert_allclose(float(online.cost), float(dense.cost), rtol=1e-12)
         np.testing.assert_allclose(np.asarray(online.transport(x)), np.asarray(dense.transport(x)), atol=1e-12)
         g_dense = jax.grad(loss)(*args)
-        g_online = jax.grad(lambda *z: loss(*z, online=True))(*args)
+        g_online = jax.grad(lambda *z: loss(*z, chunk_size=3))(*args)
         np.testing.assert_allclose(np.asarray(g_online), np.asarray(g_dense), atol=1e-10)
 
 
@@ -112,6 +119,11 @@ def test_online_switches_on_by_size():
     x = jnp.zeros((6000, 2))
     assert monge.PointCloud(x, x).is_online
     assert not monge.PointCloud(x[:100], x).is_online
+    # a matrix that is one block anyway is stored, even when online=True
+    assert not monge.PointCloud(x[:300], x, online=True).is_online
+    assert monge.PointCloud(x[:400], x, online=True).is_online  # 400 * 6000 > 2**21
+    assert monge.PointCloud(x[:100], x[:100], online=True, chunk_size=99).is_online
+    assert not monge.PointCloud(x[:100], x[:100], online=True, chunk_size=100).is_online
 
 
 def test_new_epsilon_does_not_recompile(clouds):

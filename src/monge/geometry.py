@@ -2,11 +2,13 @@ r"""Geometries: lazy operators over the cost matrix between two supports.
 
 A geometry knows the cost $C_{ij}$ between the points of two supports, and nothing of
 weights, epsilon or solvers. Every reduction a solver needs is written once, in
-`AbstractGeometry`, on top of a single primitive, `map_blocks(fn, axis, *args)`, which
-applies a function to blocks of whole lines (rows or columns) of $C$. A `CostMatrix`
-passes the stored matrix as one block; an online `PointCloud` computes blocks of
-`chunk_size` lines and never stores the $n \times m$ matrix (memory $O((n + m)\cdot$
-chunk$)$, backward pass included, thanks to rematerialisation). Blocks, rather than
+`AbstractGeometry`, on top of a single primitive, `scan_blocks(fn, axis, carry, *args)`,
+which runs a function over blocks of whole lines (rows or columns) of $C$ in order,
+threading a carry (e.g. column sums accumulated over row blocks); `map_blocks` is the
+carry-free case. A `CostMatrix` passes the stored matrix as one block; an online
+`PointCloud` computes blocks of `chunk_size` lines and never stores the $n \times m$
+matrix (memory $O((n + m)\cdot$ chunk$)$, backward pass included, thanks to
+rematerialisation). Blocks, rather than
 single lines, let XLA fuse the cost, the exponential and the reduction of a whole block
 into one loop; blocks keep the orientation of $C$ (columns are never transposed, which
 would make XLA read a fused, row-major producer column by column).
@@ -67,16 +69,23 @@ class AbstractGeometry(eqx.Module):
         stored where this geometry allows it (point clouds that are not online)."""
 
     @abc.abstractmethod
-    def map_blocks(self, fn: Callable, axis: int, *args) -> Array:
-        """`fn(block, *arg_blocks)` over blocks of whole lines of $C$, concatenated.
+    def scan_blocks(self, fn: Callable, axis: int, carry, *args):
+        """`fn(block, carry, *arg_blocks) -> (carry, out)` over blocks of whole lines of
+        $C$, in order; returns the last carry and the outputs concatenated.
 
         A block is a sub-matrix of $C$ made of k whole lines, in $C$'s orientation:
         with `axis=1` the lines are rows, a `(k, m)` block; with `axis=0` columns, an
         `(n, k)` block. `fn` reduces the block along `axis` (use `along` and `across`
-        to broadcast vectors). `args` are arrays indexed along the kept axis; `fn` gets
-        their k matching entries and returns arrays with k leading entries. The
+        to broadcast vectors) into `out`, arrays with k leading entries, and may fold
+        it along the other axis into `carry` (a pytree of fixed shapes). `args` are
+        arrays indexed along the kept axis; `fn` gets their k matching entries. The
         blocking (one block, or chunks) is the geometry's choice.
         """
+
+    def map_blocks(self, fn: Callable, axis: int, *args) -> Array:
+        """`fn(block, *arg_blocks)` over blocks of whole lines of $C$, concatenated
+        (`scan_blocks` without a carry)."""
+        return self.scan_blocks(lambda c, carry, *xs: (carry, fn(c, *xs)), axis, (), *args)[1]
 
     def map_lines(self, fn: Callable, axis: int, *args) -> Array:
         """`out[k] = fn(line_k, *(arg[k] for arg in args))` for every line of $C$
@@ -140,14 +149,19 @@ class AbstractGeometry(eqx.Module):
 
 
 def flushed_exp(z: Array) -> Array:
-    r"""`exp(z)`, with 0 where $z <$ `log_floor(z.dtype)`: no subnormal results.
+    r"""`exp(max(z, log_floor(z.dtype)))`: no subnormal results.
 
     Subnormal floats make x86 arithmetic 10-100x slower; a Sinkhorn plan has many
     entries that small (they are negligible: below $e^{-75}$ in float32, $e^{-696}$ in
     float64, against lines of total 1 or more), and summing or multiplying them once
-    cost more than all other work of a block.
+    cost more than all other work of a block. Entries below the floor (zero weights'
+    $-\infty$ included) become $e^{\text{floor}}$ ($2\cdot 10^{-33}$ in float32), not 0:
+    clamping vectorises, a select per entry was 3x slower than the exponential itself
+    (XLA CPU), and a line of $10^6$ such entries adds $2\cdot 10^{-27}$, far below
+    the sums the solvers accept ($e^{\text{ONE\_PASS\_FLOOR}} \approx 4\cdot 10^{-18}$).
+    Multiply by a weight where an exact zero matters.
     """
-    return jnp.exp(jnp.where(z > log_floor(z.dtype), z, -jnp.inf))
+    return jnp.exp(jnp.maximum(z, log_floor(z.dtype)))
 
 
 def log_floor(dtype) -> float:
@@ -209,8 +223,8 @@ class CostMatrix(AbstractGeometry):
     def precompute(self):
         return self
 
-    def map_blocks(self, fn, axis, *args):
-        return fn(self.C, *args)
+    def scan_blocks(self, fn, axis, carry, *args):
+        return fn(self.C, carry, *args)
 
 
 class PointCloud(AbstractGeometry):
@@ -221,9 +235,11 @@ class PointCloud(AbstractGeometry):
         y: target points, shape `(m, d)`.
         cost: a name (``"sqeuclidean"``, ``"euclidean"``, ``"cityblock"``,
             ``"cosine"``), a `monge.costs` object or a function `c(x, y)` of one pair.
-        online: if True, never store the cost matrix: every reduction recomputes it in
-            blocks of `chunk_size` lines. ``None`` (default) switches online mode on
-            when $nm$ exceeds `ONLINE_ABOVE` ($2^{25}$). Static: changing it recompiles.
+        online: if True, never store more of the cost matrix than one block: every
+            reduction recomputes it in blocks of `chunk_size` lines (a matrix that is a
+            single block anyway is stored, see `is_online`). ``None`` (default)
+            switches online mode on when $nm$ exceeds `ONLINE_ABOVE` ($2^{25}$).
+            Static: changing it recompiles.
         chunk_size: lines per block in online mode; default keeps a block near
             $2^{21}$ entries.
 
@@ -270,28 +286,37 @@ class PointCloud(AbstractGeometry):
 
     @property
     def is_online(self) -> bool:
-        """Whether reductions recompute the cost in blocks (static)."""
+        r"""Whether reductions recompute the cost in blocks (static): `online`, or by
+        default when $nm >$ `ONLINE_ABOVE`; but never when the whole matrix is a single
+        block of rows and of columns (by default $nm \le 2^{21}$, 8 MiB of float32):
+        storing it then takes no more memory than the one block online mode computes,
+        and saves recomputing it at every pass."""
+        n, m = self.shape
         if self.online is None:
-            return self.shape[0] * self.shape[1] > ONLINE_ABOVE
-        return self.online
+            return n * m > ONLINE_ABOVE
+        return self.online and (self._chunk(n, m) < n or self._chunk(m, n) < m)
+
+    def _chunk(self, n_lines: int, n_others: int) -> int:
+        """Lines per block when blocks are made of `n_lines` lines of length `n_others`."""
+        return min(self.chunk_size or max(1, _BLOCK_ENTRIES // max(n_others, 1)), n_lines)
 
     def cost_matrix(self):
         return self.cost.all_pairs(self.x, self.y)
 
-    def map_blocks(self, fn, axis, *args):
+    def scan_blocks(self, fn, axis, carry, *args):
         if not self.is_online:
-            return CostMatrix(self.cost_matrix()).map_blocks(fn, axis, *args)
+            return CostMatrix(self.cost_matrix()).scan_blocks(fn, axis, carry, *args)
         lines, others = (self.x, self.y) if axis == 1 else (self.y, self.x)
         n_lines = lines.shape[0]
-        chunk = min(self.chunk_size or max(1, _BLOCK_ENTRIES // max(others.shape[0], 1)), n_lines)
+        chunk = self._chunk(n_lines, others.shape[0])
 
         @jax.checkpoint  # the backward pass recomputes a block's costs: O(chunk) memory
-        def block(points, *block_args):
+        def block(carry, points, *block_args):
             if axis == 1:
                 c = self.cost.all_pairs(points, others)
             else:
                 c = self.cost.all_pairs(others, points)
-            return fn(c, *block_args)
+            return fn(c, carry, *block_args)
 
         full = n_lines - n_lines % chunk
         pieces = []
@@ -299,11 +324,12 @@ class PointCloud(AbstractGeometry):
             def split(z):
                 return z[:full].reshape(full // chunk, chunk, *z.shape[1:])
 
-            out = jax.lax.map(lambda t: block(*t), (split(lines), *map(split, args)))
+            carry, out = jax.lax.scan(lambda c, t: block(c, *t), carry, (split(lines), *map(split, args)))
             pieces.append(jax.tree_util.tree_map(lambda z: z.reshape(full, *z.shape[2:]), out))
         if full < n_lines:
-            pieces.append(block(lines[full:], *(z[full:] for z in args)))
-        return jax.tree_util.tree_map(lambda *zs: jnp.concatenate(zs), *pieces)
+            carry, out = block(carry, lines[full:], *(z[full:] for z in args))
+            pieces.append(out)
+        return carry, jax.tree_util.tree_map(lambda *zs: jnp.concatenate(zs), *pieces)
 
     def precompute(self):
         return self if self.is_online else CostMatrix(self.cost_matrix())

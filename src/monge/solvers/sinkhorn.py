@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from monge import _checks
 from jaxtyping import Array
 
-from monge.geometry import AbstractGeometry, CostMatrix, as_float_array, flushed_exp
+from monge.geometry import ONE_PASS_FLOOR, AbstractGeometry, CostMatrix, as_float_array, flushed_exp
 from monge.problems import LinearProblem, default_epsilon
 from monge.solution import MESSAGES, Solution, Status, safe_log
 from monge.solvers import initializers
@@ -68,9 +68,10 @@ class Sinkhorn(eqx.Module):
             maximum, then sum). ``"kernel"`` (alias ``"auto"``, the default) runs the
             same iterates with cheaper arithmetic: on a stored cost matrix, as
             matrix-vector products on the plan of the previous block
-            (`_Steps.kernel_block`); online, as one-pass log-sum-exps shifted by the
-            previous potentials (`_Steps.shifted_block`). A block whose values are not
-            finite (float32 under/overflow) is redone in the log domain. Static.
+            (`_Steps.kernel_block`); online, as one fused pass over the cost per
+            iteration, one-pass log-sum-exps shifted by the previous potentials
+            (`_Steps.fused_block`). A block whose values are not finite (float32
+            under/overflow) is redone in the log domain. Static.
         anneal: epsilon scaling (Kosowsky & Yuille, 1994; Schmitzer, 2019): start at
             the default epsilon $0.05\,\bar c$ (or at epsilon if larger) and multiply it
             by `anneal_decay` after every block until it reaches the target; convergence
@@ -227,7 +228,7 @@ class Sinkhorn(eqx.Module):
             stop_below = jnp.where(plain, self.threshold, -1.0)  # early exit within the block
             steps = _Steps(geom, a, b, epsilon_at(it), tau_a, tau_b, inner, jnp.maximum(omega, 1.0), stop_below)
             if kernel:  # fast arithmetic; a block that is not finite is redone exactly
-                new, n_run = steps.kernel_block(potentials) if dense else steps.shifted_block(potentials)
+                new, n_run = steps.kernel_block(potentials) if dense else steps.fused_block(potentials)
                 ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(z)) for z in new]))
                 new, n_run = jax.lax.cond(ok, lambda: (new, n_run), lambda: steps.log_block(potentials))
             else:
@@ -264,9 +265,12 @@ class Sinkhorn(eqx.Module):
                 f0 = tau_a * steps.f_hat(jnp.zeros((m,), dtype))
             else:  # the start only changes the path, never the fixed point or its gradient
                 f0 = jax.lax.stop_gradient(f0.astype(dtype))
-            # online, the shifted block needs consistent potentials from its first block
+            # online, the fused block's one-pass sums need g consistent with f from the start
             g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
-        potentials = (f0, g0, steps.f_hat(g0))
+        if kernel and not dense:  # the fused block recomputes f_hat(g0), shifted by this
+            potentials = (f0, g0, f0 / tau_a)
+        else:
+            potentials = (f0, g0, steps.f_hat(g0))
         memory = ANDERSON_MEMORY if self.acceleration == "anderson" else 0
         history = (jnp.zeros((memory, m), dtype), jnp.zeros((memory, m), dtype), jnp.asarray(0))
         state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype), jnp.ones((), dtype), history, jnp.asarray(0))
@@ -380,27 +384,63 @@ class _Steps(eqx.Module):
 
         return self.scan(one, potentials)
 
-    def shifted_block(self, potentials):
-        r"""The log-domain updates, each log-sum-exp taken in one pass shifted by the
-        previous iterate (`AbstractGeometry.lse` with `shift`): the kernel mode of
-        geometries that do not store $C$ (online point clouds).
+    def fused_block(self, potentials):
+        r"""The log-domain iterates with one pass over $C$ per iteration: the kernel
+        mode of geometries that do not store $C$ (online point clouds).
 
-        Near the fixed point $(f_i + \hat g_j - C_{ij})/\varepsilon \le
-        \log(1/\max(a_i, b_j))$, so with the previous $\hat g$ (resp. $\hat f$) as
-        shift no term overflows and the largest is not tiny: one exponential per entry
-        and no maximum, about half the work of `log_block` online. The iterates are
-        those of `log_block`; a block that is not finite is redone there.
+        One sweep over blocks of rows (`AbstractGeometry.scan_blocks`) computes, for
+        each row, $E_{ij} = e^{(g_j - C_{ij} + s_i)/arepsilon}$ with the shift $s$
+        the previous $\hat f$, the update $\hat f_i = s_i - arepsilon\log\sum_j b_j
+        E_{ij}$ (a one-pass log-sum-exp: one exponential per entry, no maximum) and the
+        relaxed $f_i$; and it accumulates the column sums $\sum_i w_i E_{ij}$ with
+        $w_i = a_i e^{(f_i - s_i)/arepsilon}$, which equal $e^{g_j/arepsilon}
+        \sum_i a_i e^{(f_i - C_{ij})/arepsilon}$, so that the $g$ update is
+        $\hat g_j = g_j - arepsilon \log \sum_i w_i E_{ij}$. The cost entries and the
+        exponentials are computed once per iteration instead of twice (once per
+        update), and the sweep measures the error of the iterate it starts from for
+        free. Near the fixed point $w_i pprox a_i$ and $\sum_i a_i E_{ij} pprox 1$,
+        so float32 is safe; a sum that overflows or falls below
+        $e^{	ext{ONE\_PASS\_FLOOR}}$ gives NaN and the block is redone in the log
+        domain. A block of `inner` iterations costs `inner + 1` passes (the last
+        completes $\hat f$), against `2 inner` for two one-pass log-sum-exps per
+        iteration.
         """
+        eps, a, b = self.eps, self.a, self.b
 
-        def one(carry, k):
-            f, g, f_hat = carry
-            f = self.relaxed(f, self.tau_a * f_hat, k)
-            g_hat = -self.eps * self.geom.lse(f, self.eps, 0, w=self.a, shift=g / self.tau_b)
-            g = self.relaxed(g, self.tau_b * g_hat, k, last_plain=True)
-            f_hat = -self.eps * self.geom.lse(g, self.eps, 1, w=self.b, shift=f_hat)
-            return (f, g, f_hat), None
+        def sweep(f, g, shift, k):
+            def fn(c, acc, f_i, s_i, a_i):
+                E = flushed_exp((g[None, :] - c + s_i[:, None]) / eps)
+                log_r = jnp.log(jnp.sum(E * b[None, :], axis=1))  # fused: no dot on CPU
+                f_hat = s_i - eps * jnp.where(log_r > ONE_PASS_FLOOR, log_r, jnp.nan)
+                f_new = self.relaxed(f_i, self.tau_a * f_hat, k)
+                w = a_i * jnp.exp((f_new - s_i) / eps)
+                return acc + jnp.sum(w[:, None] * E, axis=0), (f_hat, f_new)
 
-        return self.scan(one, potentials)
+            acc, (f_hat, f_new) = self.geom.scan_blocks(fn, 1, jnp.zeros_like(g), f, shift, a)
+            log_acc = jnp.log(acc)
+            g_hat = g - eps * jnp.where(log_acc > ONE_PASS_FLOOR, log_acc, jnp.nan)
+            return f_hat, f_new, self.relaxed(g, self.tau_b * g_hat, k, last_plain=True)
+
+        def step(carry, k):
+            (f, g, shift), done, n_run = carry
+
+            def run():
+                f_hat, f_new, g_new = sweep(f, g, shift, k)
+                # the sweep completes the iterate it started from: stop there if good
+                stop = (k > 0) & (self.error((f, g, f_hat)) <= self.stop_below)
+                return jax.lax.cond(
+                    stop, lambda: ((f, g, f_hat), True, n_run), lambda: ((f_new, g_new, f_hat), False, n_run + 1)
+                )
+
+            return jax.lax.cond(done, lambda: carry, run), None
+
+        start = (potentials, jnp.asarray(False), jnp.asarray(0))
+        (f, g, shift), done, n_run = jax.lax.scan(step, start, jnp.arange(self.inner))[0]
+
+        def complete():  # the block's last g needs its f update (for the error, the next block)
+            return f, g, -eps * self.geom.lse(g, eps, 1, w=b, shift=shift)
+
+        return jax.lax.cond(done, lambda: (f, g, shift), complete), n_run
 
     def error(self, potentials):
         r"""L1 optimality error $\|a e^{-f/\rho_a} - P\mathbf 1\|_1$ of `(f, g)`."""
