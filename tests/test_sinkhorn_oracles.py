@@ -45,6 +45,22 @@ def test_cost_matches_pot_x64(clouds, cost, reference):
         np.testing.assert_allclose(np.asarray(sol.problem.geom.cost_matrix()), M, rtol=1e-6, atol=1e-9)
 
 
+def test_default_epsilon_is_five_percent_of_the_mean_cost(clouds):
+    """0.05 x the a⊗b-mean of |C| (NumPy float64), for the squared Euclidean closed form
+    (float32, clouds far from the origin), a pass over other costs and a matrix."""
+    x, y, a, b = clouds
+    for cost, reference in (("sqeuclidean", sqdist), ("cityblock", lambda x, y: cdist(x, y, "cityblock"))):
+        for shift in (0.0, 1000.0):
+            xs, ys = np.float32(x + shift), np.float32(y + shift)
+            M = reference(xs.astype(np.float64), ys.astype(np.float64))
+            geom = monge.PointCloud(jnp.asarray(xs), jnp.asarray(ys), cost=cost)
+            got = monge.LinearProblem(geom, jnp.float32(a), jnp.float32(b)).resolved_epsilon()
+            np.testing.assert_allclose(float(got), 0.05 * (a @ M @ b) / (a.sum() * b.sum()), rtol=1e-5)
+    C = np.asarray(cdist(x, y)) - 0.7  # signed costs: the mean of |C|
+    got = monge.LinearProblem(monge.CostMatrix(jnp.float32(C)), a, b).resolved_epsilon()
+    np.testing.assert_allclose(float(got), 0.05 * (a @ np.abs(C) @ b) / (a.sum() * b.sum()), rtol=1e-5)
+
+
 def test_cost_matches_pot_float32(clouds):
     x, y, a, b = clouds
     M = sqdist(x, y)

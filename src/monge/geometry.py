@@ -142,6 +142,11 @@ class AbstractGeometry(eqx.Module):
 
         return self.map_blocks(fn, axis)
 
+    def mean_abs_cost(self, a: Float[Array, " n"], b: Float[Array, " m"]) -> Float[Array, ""]:
+        r"""$\sum_{ij} a_i b_j |C_{ij}| / (\sum a \sum b)$: the scale of the costs (one
+        pass; point clouds use their cost's closed form where it has one)."""
+        return a @ self.map_blocks(lambda c: jnp.abs(c) @ b, 1) / (jnp.sum(a) * jnp.sum(b))
+
     def mean_cost(self, a: Float[Array, " n"], b: Float[Array, " m"]) -> Float[Array, ""]:
         r"""$a^\top C b$: the cost of the independent coupling $a b^\top$ (for weights
         summing to one, the average cost between the two supports)."""
@@ -333,3 +338,7 @@ class PointCloud(AbstractGeometry):
 
     def precompute(self):
         return self if self.is_online else CostMatrix(self.cost_matrix())
+
+    def mean_abs_cost(self, a, b):
+        closed = self.cost.mean_abs(self.x, self.y, a, b)
+        return super().mean_abs_cost(a, b) if closed is None else closed

@@ -97,9 +97,9 @@ class LinearProblem(eqx.Module):
 
 
 def default_epsilon(geom: AbstractGeometry, a: Array, b: Array) -> Float[Array, ""]:
-    r"""$0.05\,\bar c$, $\bar c = \sum_{ij} a_i b_j |C_{ij}| / (\sum a \sum b)$ (one
-    pass over the cost)."""
-    scale = a @ geom.map_lines(lambda c: jnp.abs(c) @ b, 1) / (jnp.sum(a) * jnp.sum(b))
+    r"""$0.05\,\bar c$, $\bar c = \sum_{ij} a_i b_j |C_{ij}| / (\sum a \sum b)$
+    (`AbstractGeometry.mean_abs_cost`: one pass over the cost, or a closed form)."""
+    scale = geom.mean_abs_cost(a, b)
     # All-zero costs: every coupling is optimal; any positive epsilon will do.
     return jnp.where(scale > 0, DEFAULT_RELATIVE_EPSILON * scale, 1.0)
 

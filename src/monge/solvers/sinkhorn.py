@@ -215,7 +215,7 @@ class Sinkhorn(eqx.Module):
         dtype = a.dtype
         inner = self.inner_iterations
         if self.anneal and initializers.resolve(self.initializer, theta[0]) not in initializers.EXACT:
-            start = jnp.maximum(eps, default_epsilon(geom, a, b)).astype(dtype)
+            start = jnp.maximum(eps, default_epsilon(theta[0], a, b)).astype(dtype)
         else:
             start = eps
 
