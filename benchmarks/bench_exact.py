@@ -1,11 +1,12 @@
-"""Exact OT: monge's backends against POT's network simplex (`ot.emd`).
+"""Exact OT: monge's backends against POT's network simplex (`ot.emd`) and, for
+uniform weights (assignments), scipy's `linear_sum_assignment`.
 
 Point clouds in d=2 (n = m), squared Euclidean cost, uniform and non-uniform weights.
 Each row is the best of `--repeats` runs after one warm-up call (compilation excluded),
-end to end from points to plan (monge builds the cost matrix itself; POT is given it
-pre-computed, to its advantage). Timings on a shared machine are indicative.
+end to end from points to plan (monge builds the cost matrix itself; POT and scipy are
+given it pre-computed, to their advantage). Timings on a shared machine are indicative.
 
-    python benchmarks/bench_exact.py --n 2000
+    python benchmarks/bench_exact.py --n 500 2000
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import jax
 import numpy as np
 import ot
+from scipy.optimize import linear_sum_assignment
 
 import monge
 from monge.solvers.exact import Exact
@@ -37,7 +39,7 @@ def monge_exact(x, y, a, b, **kwargs):
     @jax.jit
     def run(x, y, a, b):
         sol = solver(monge.LinearProblem(monge.PointCloud(x, y), a, b))
-        return sol.cost, sol.error, sol.converged
+        return sol.cost, sol.error, sol.converged, sol.n_iters
 
     return lambda: run(x, y, a, b)
 
@@ -47,41 +49,58 @@ def rows_for(weights: str, x, y, a, b, args) -> list[tuple]:
     t_pot, plan = best_time(lambda: ot.emd(a, b, C, numItermax=args.pivots), args.repeats)
     ref = float(np.sum(plan * C))
     rows = [("POT `ot.emd` (float64)", weights, t_pot, 1.0, 0.0, "-")]
-    x32, y32, a32, b32 = (z.astype(np.float32) for z in (x, y, a, b))
-    configs = [("monge network simplex (float32)", dict(method="network_simplex"))]
     if weights == "uniform":
-        configs.append(("monge assignment (float32)", dict(method="assignment")))
+        t_lsa, (i, j) = best_time(lambda: linear_sum_assignment(C), args.repeats)
+        rel = abs(float(C[i, j].mean()) - ref) / ref
+        rows.append(("scipy `linear_sum_assignment` (float64)", weights, t_lsa, t_lsa / t_pot, rel, "-"))
+    x32, y32, a32, b32 = (z.astype(np.float32) for z in (x, y, a, b))
+    configs = [("monge network simplex (float32)", dict(method="network_simplex"), False)]
+    if weights == "uniform":
+        configs.append(("monge assignment (float32)", dict(method="assignment"), False))
+        configs.append(("monge auction (float32)", dict(method="auction"), False))
+        configs.append(("monge auction (float64)", dict(method="auction"), True))
     configs.append(
         (
             f"monge sinkhorn_rounding (float32, <= {args.sinkhorn_iterations} it.)",
             dict(method="sinkhorn_rounding", max_iterations=args.sinkhorn_iterations),
+            False,
         )
     )
-    for name, kwargs in configs:
+    for name, kwargs, wide in configs:
         repeats = 1 if kwargs["method"] == "sinkhorn_rounding" else args.repeats
-        t, (cost, error, converged) = best_time(monge_exact(x32, y32, a32, b32, **kwargs), repeats)
-        rel = abs(float(cost) - ref) / ref
-        note = f"certified gap {float(error):.1e}, converged={bool(converged)}"
+        data = (x, y, a, b) if wide else (x32, y32, a32, b32)
+        with jax.enable_x64(wide):
+            t, out = best_time(monge_exact(*data, **kwargs), repeats)
+        cost, error, converged, n_iters = (float(z) for z in out)
+        rel = abs(cost - ref) / ref
+        note = f"certified gap {error:.1e}, converged={bool(converged)}"
+        if n_iters >= 0:
+            note += f", {int(n_iters)} " + ("rounds" if kwargs["method"] == "auction" else "it.")
         rows.append((name, weights, t, t / t_pot, rel, note))
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--n", type=int, nargs="+", default=[2000], help="one table per n")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pivots", type=int, default=10_000_000)
     parser.add_argument("--sinkhorn-iterations", type=int, default=1000)
     args = parser.parse_args()
+    for n in args.n:
+        table(n, args)
+
+
+def table(n: int, args) -> None:
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.n, 2))
-    y = rng.normal(size=(args.n, 2)) + 1.0
-    uniform = np.full(args.n, 1.0 / args.n)
-    a = rng.uniform(0.5, 1.5, args.n)
-    b = rng.uniform(0.5, 1.5, args.n)
+    x = rng.normal(size=(n, 2))
+    y = rng.normal(size=(n, 2)) + 1.0
+    uniform = np.full(n, 1.0 / n)
+    a = rng.uniform(0.5, 1.5, n)
+    b = rng.uniform(0.5, 1.5, n)
     rows = rows_for("uniform", x, y, uniform, uniform, args)
     rows += rows_for("non-uniform", x, y, a / a.sum(), b / b.sum(), args)
-    print(f"\nExact OT, n = m = {args.n}, d = 2, {jax.devices()[0].platform} "
+    print(f"\nExact OT, n = m = {n}, d = 2, {jax.devices()[0].platform} "
           f"(best of {args.repeats}; indicative, shared machine)\n")
     print("| method | weights | time (s) | ratio to POT | rel. cost diff | notes |")
     print("|---|---|---|---|---|---|")

@@ -12,6 +12,7 @@ MODULES = [
     "monge.solvers.sinkhorn",
     "monge.solvers.initializers",
     "monge.solvers.exact",
+    "monge.solvers.auction",
     "monge.solvers.partial",
     "monge.solvers.smooth",
     "monge.solvers.sparse",

@@ -207,7 +207,7 @@ def test_exact_rejects_unbalanced_and_bad_config(clouds):
         monge.solve(x, y, epsilon=0, tau_a=0.5)
     with pytest.raises(ValueError, match=r"only supported for balanced"):
         Exact()(monge.LinearProblem(monge.PointCloud(x, y), tau_b=0.9, epsilon=1.0))
-    with pytest.raises(ValueError, match=r"`method` must be one of \['network_simplex', 'assignment', 'sinkhorn_rounding'\]; received 'simplex'"):
+    with pytest.raises(ValueError, match=r"`method` must be one of \['network_simplex', 'assignment', 'sinkhorn_rounding', 'auction'\]; received 'simplex'"):
         Exact(method="simplex")
     with pytest.raises(ValueError, match=r"`max_iterations` must be a positive integer or None; received 0"):
         Exact(max_iterations=0)

@@ -162,7 +162,7 @@ class PartialExact(eqx.Module):
     exact: Exact = eqx.field(default_factory=Exact)
 
     def __check_init__(self):
-        if not isinstance(self.exact, Exact) or self.exact.method == "assignment":
+        if not isinstance(self.exact, Exact) or self.exact.method in ("assignment", "auction"):
             raise ValueError(
                 "`exact` must be an Exact solver with method 'network_simplex' or "
                 f"'sinkhorn_rounding' (the augmented problem is not an assignment); "
