@@ -3,6 +3,7 @@ log-sum-exp vs scipy, the fused online sweep vs NumPy log-domain updates, online
 kernel mode and over-relaxation vs POT plans (float64),
 the relaxation factor vs its closed form."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,12 +88,26 @@ def test_fused_sweep_equals_alternating_log_updates(tau, omega):
             geom = monge.PointCloud(jnp.asarray(x, dtype), jnp.asarray(y, dtype), online=True, chunk_size=4)
             steps = _Steps(geom, jnp.asarray(a, dtype), jnp.asarray(b, dtype), jnp.asarray(eps, dtype),
                            jnp.asarray(tau, dtype), jnp.asarray(tau, dtype), inner, omega)
-            (f1, g1, fh1), n_run = steps.fused_block(tuple(jnp.asarray(z, dtype) for z in start))
+            (f1, g1, fh1), n_run, err = steps.fused_block(tuple(jnp.asarray(z, dtype) for z in start))
             assert int(n_run) == inner
             scale = np.abs(f_ref).max()
             np.testing.assert_allclose(np.asarray(f1), f_ref, rtol=rtol, atol=rtol * scale)
             np.testing.assert_allclose(np.asarray(g1), g_ref, rtol=rtol, atol=rtol * scale)
             np.testing.assert_allclose(np.asarray(fh1), f_hat(g_ref), rtol=rtol, atol=rtol * scale)
+            # the error of the final (f, g): rows of its plan against a e^{-f/rho_a}
+            P = np.exp(log_a[:, None] + log_b[None, :] + (f_ref[:, None] + g_ref[None, :] - M) / eps)
+            rho = eps * tau / (1 - tau) if tau < 1 else np.inf
+            np.testing.assert_allclose(float(err), np.abs(a * np.exp(-f_ref / rho) - P.sum(1)).sum(), rtol=1e3 * rtol)
+            # an early stop after the first plain f update returns (f1, g0) and the
+            # error of its columns (its rows are exact)
+            plain = eqx.tree_at(lambda s: (s.omega, s.stop_below), steps, (jnp.asarray(1.0, dtype), jnp.asarray(1e9, dtype)))
+            (f1, g1, fh1), n_run, err = plain.fused_block(tuple(jnp.asarray(z, dtype) for z in start))
+            f_one = tau * f_hat(g)
+            P = np.exp(log_a[:, None] + log_b[None, :] + (f_one[:, None] + g[None, :] - M) / eps)
+            assert int(n_run) == 1
+            np.testing.assert_allclose(np.asarray(f1), f_one, rtol=rtol, atol=rtol * scale)
+            np.testing.assert_allclose(np.asarray(g1), g, rtol=rtol, atol=rtol * scale)
+            np.testing.assert_allclose(float(err), np.abs(b * np.exp(-g / rho) - P.sum(0)).sum(), rtol=1e3 * rtol)
 
 
 def test_online_kernel_mode_falls_back_in_float32():

@@ -227,14 +227,16 @@ class Sinkhorn(eqx.Module):
             plain = (epsilon_at(it) <= eps) & (omega <= 1.0)
             stop_below = jnp.where(plain, self.threshold, -1.0)  # early exit within the block
             steps = _Steps(geom, a, b, epsilon_at(it), tau_a, tau_b, inner, jnp.maximum(omega, 1.0), stop_below)
+            def measured(out):
+                return *out, steps.error(out[0])
+
             if kernel:  # fast arithmetic; a block that is not finite is redone exactly
-                new, n_run = steps.kernel_block(potentials) if dense else steps.fused_block(potentials)
-                ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(z)) for z in new]))
-                new, n_run = jax.lax.cond(ok, lambda: (new, n_run), lambda: steps.log_block(potentials))
+                out = measured(steps.kernel_block(potentials)) if dense else steps.fused_block(potentials)
+                ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(z)) for z in out[0]]))
+                new, n_run, err = jax.lax.cond(ok, lambda: out, lambda: measured(steps.log_block(potentials)))
             else:
-                new, n_run = steps.log_block(potentials)
+                new, n_run, err = measured(steps.log_block(potentials))
             n_iters = n_iters + n_run
-            err = steps.error(new)
             errors = errors.at[it // inner].set(err)
             if self.acceleration == "relaxation":
                 omega = _next_omega(omega, errors, it // inner, inner, at_target=epsilon_at(it - inner) <= eps)
@@ -389,21 +391,29 @@ class _Steps(eqx.Module):
         mode of geometries that do not store $C$ (online point clouds).
 
         One sweep over blocks of rows (`AbstractGeometry.scan_blocks`) computes, for
-        each row, $E_{ij} = e^{(g_j - C_{ij} + s_i)/arepsilon}$ with the shift $s$
-        the previous $\hat f$, the update $\hat f_i = s_i - arepsilon\log\sum_j b_j
+        each row, $E_{ij} = e^{(g_j - C_{ij} + s_i)/\varepsilon}$ with the shift $s$
+        the previous $\hat f$, the update $\hat f_i = s_i - \varepsilon\log\sum_j b_j
         E_{ij}$ (a one-pass log-sum-exp: one exponential per entry, no maximum) and the
         relaxed $f_i$; and it accumulates the column sums $\sum_i w_i E_{ij}$ with
-        $w_i = a_i e^{(f_i - s_i)/arepsilon}$, which equal $e^{g_j/arepsilon}
-        \sum_i a_i e^{(f_i - C_{ij})/arepsilon}$, so that the $g$ update is
-        $\hat g_j = g_j - arepsilon \log \sum_i w_i E_{ij}$. The cost entries and the
+        $w_i = a_i e^{(f_i - s_i)/\varepsilon}$, which equal $e^{g_j/\varepsilon}
+        \sum_i a_i e^{(f_i - C_{ij})/\varepsilon}$, so that the $g$ update is
+        $\hat g_j = g_j - \varepsilon \log \sum_i w_i E_{ij}$. The cost entries and the
         exponentials are computed once per iteration instead of twice (once per
-        update), and the sweep measures the error of the iterate it starts from for
-        free. Near the fixed point $w_i pprox a_i$ and $\sum_i a_i E_{ij} pprox 1$,
-        so float32 is safe; a sum that overflows or falls below
-        $e^{	ext{ONE\_PASS\_FLOOR}}$ gives NaN and the block is redone in the log
-        domain. A block of `inner` iterations costs `inner + 1` passes (the last
-        completes $\hat f$), against `2 inner` for two one-pass log-sum-exps per
-        iteration.
+        update). Near the fixed point $w_i \approx a_i$ and $\sum_i a_i E_{ij} \approx
+        1$, so float32 is safe; a sum that overflows or falls below
+        $e^{\text{ONE\_PASS\_FLOOR}}$ gives NaN and the block is redone in the log
+        domain.
+
+        After a plain $f$ update the rows of $(f, g)$ are exact and the column sums
+        are those of its plan, $b_j \sum_i w_i E_{ij}$: the sweep measures the whole
+        optimality error $\|b\,e^{-g/\rho_b} - P^\top\mathbf 1\|_1$ for free, and the
+        block stops there, returning $(f, g)$ before the $g$ update, once it is at
+        most `stop_below`. Otherwise a block of `inner` iterations ends with one more
+        pass that completes $\hat f$ for its last $g$: `inner + 1` passes, against
+        `2 inner` for two one-pass log-sum-exps per iteration.
+
+        Returns `(potentials, n_run, error)`, the error measured on rows (`error`) or,
+        on an early stop, on columns.
         """
         eps, a, b = self.eps, self.a, self.b
 
@@ -419,28 +429,38 @@ class _Steps(eqx.Module):
             acc, (f_hat, f_new) = self.geom.scan_blocks(fn, 1, jnp.zeros_like(g), f, shift, a)
             log_acc = jnp.log(acc)
             g_hat = g - eps * jnp.where(log_acc > ONE_PASS_FLOOR, log_acc, jnp.nan)
-            return f_hat, f_new, self.relaxed(g, self.tau_b * g_hat, k, last_plain=True)
+            return f_hat, f_new, self.relaxed(g, self.tau_b * g_hat, k, last_plain=True), acc
+
+        def column_error(g, acc):  # of (f_new, g) when f_new is a plain update (rows exact)
+            tau_b = self.tau_b
+            err = jnp.sum(jnp.abs(b * (jnp.exp(-(1 - tau_b) / (tau_b * eps) * g) - acc)))
+            return jnp.where(jnp.isnan(err), jnp.inf, err)
 
         def step(carry, k):
-            (f, g, shift), done, n_run = carry
+            (f, g, shift), done, n_run, err = carry
 
             def run():
-                f_hat, f_new, g_new = sweep(f, g, shift, k)
-                # the sweep completes the iterate it started from: stop there if good
-                stop = (k > 0) & (self.error((f, g, f_hat)) <= self.stop_below)
+                f_hat, f_new, g_new, acc = sweep(f, g, shift, k)
+                # (f_new, g) has exact rows; stop there if its columns are good enough
+                col_err = column_error(g, acc)
+                stop = col_err <= self.stop_below
                 return jax.lax.cond(
-                    stop, lambda: ((f, g, f_hat), True, n_run), lambda: ((f_new, g_new, f_hat), False, n_run + 1)
+                    stop,
+                    lambda: ((f_new, g, f_hat), True, n_run + 1, col_err),
+                    lambda: ((f_new, g_new, f_hat), False, n_run + 1, err),
                 )
 
             return jax.lax.cond(done, lambda: carry, run), None
 
-        start = (potentials, jnp.asarray(False), jnp.asarray(0))
-        (f, g, shift), done, n_run = jax.lax.scan(step, start, jnp.arange(self.inner))[0]
+        start = (potentials, jnp.asarray(False), jnp.asarray(0), jnp.asarray(jnp.inf, a.dtype))
+        (f, g, shift), done, n_run, err = jax.lax.scan(step, start, jnp.arange(self.inner))[0]
 
         def complete():  # the block's last g needs its f update (for the error, the next block)
-            return f, g, -eps * self.geom.lse(g, eps, 1, w=b, shift=shift)
+            new = (f, g, -eps * self.geom.lse(g, eps, 1, w=b, shift=shift))
+            return new, self.error(new)
 
-        return jax.lax.cond(done, lambda: (f, g, shift), complete), n_run
+        new, err = jax.lax.cond(done, lambda: ((f, g, shift), err), complete)
+        return new, n_run, err
 
     def error(self, potentials):
         r"""L1 optimality error $\|a e^{-f/\rho_a} - P\mathbf 1\|_1$ of `(f, g)`."""
