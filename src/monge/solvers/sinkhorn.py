@@ -10,7 +10,9 @@ After each block of `inner_iterations` updates the solver measures the L1 optima
 error $\|a\,e^{-f/\rho_a} - P\mathbf 1\|_1$ — the marginal error
 $\|P\mathbf 1 - a\|_1$ when balanced (the column marginal is exact after a $g$ update)
 — and stops when it is below `threshold`. The measurement reuses the log-sum-exp of
-the next $f$ update, so it costs nothing.
+the next $f$ update, so it costs nothing. Online (`_Steps.fused_block`) the same error
+is read on the other side when that comes first: after a plain $f$ update the rows are
+exact and the solver may stop on $\|b\,e^{-g/\rho_b} - P^\top\mathbf 1\|_1$.
 """
 
 from __future__ import annotations
