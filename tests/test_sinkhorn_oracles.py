@@ -224,6 +224,29 @@ def test_annealing_same_answer_fewer_iterations(clouds):
         assert int(annealed.n_iters) < int(plain.n_iters)
 
 
+@pytest.mark.parametrize("ratio, levels", [(1 + 1e-6, 0), (1.0, 0), (1.9, 0), (4.0, 2), (9.0, 3)])
+def test_annealing_schedule_ends_exactly_at_the_target(clouds, ratio, levels):
+    """eps = default / ratio (the default 0.05 c-bar, in float64 from NumPy): one block
+    at each of eps * 2**k, k = levels..1, then eps. A target a rounding error below the
+    default runs no annealing block (it used to run a whole block at the default), and
+    the recorded block errors count the blocks: `levels` above the target, then one at
+    the target, which converges."""
+    x, y, a, b = clouds
+    default = 0.05 * np.sum(a[:, None] * b[None, :] * sqdist(x, y))
+    eps = default / ratio
+    problem = monge.LinearProblem(monge.PointCloud(jnp.float32(x), jnp.float32(y)), a, b, epsilon=eps)
+    common = dict(threshold=1e-2, inner_iterations=200, acceleration=None)
+    annealed = monge.Sinkhorn(**common)(problem)
+    plain = monge.Sinkhorn(anneal=False, **common)(problem)
+    assert bool(annealed.converged) and bool(plain.converged)
+    n_blocks = int(np.sum(np.asarray(annealed.errors) >= 0))
+    assert n_blocks == levels + 1
+    if levels == 0:  # the same iterations as without annealing
+        assert int(annealed.n_iters) == int(plain.n_iters)
+    else:  # annealing blocks run whole (no convergence check above the target)
+        assert levels * 200 < int(annealed.n_iters) <= (levels + 1) * 200
+
+
 def test_annealing_keeps_implicit_gradients(clouds):
     x, y, a, b = clouds
     eps = 0.01 * sqdist(x, y).mean()

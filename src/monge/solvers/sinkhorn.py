@@ -74,11 +74,13 @@ class Sinkhorn(eqx.Module):
             iteration, one-pass log-sum-exps shifted by the previous potentials
             (`_Steps.fused_block`). A block whose values are not finite (float32
             under/overflow) is redone in the log domain. Static.
-        anneal: epsilon scaling (Kosowsky & Yuille, 1994; Schmitzer, 2019): start at
-            the default epsilon $0.05\,\bar c$ (or at epsilon if larger) and multiply it
-            by `anneal_decay` after every block until it reaches the target; convergence
-            is only checked at the target. It changes nothing for epsilon at or above
-            the default, and saves iterations below it. The fixed point, hence the
+        anneal: epsilon scaling (Kosowsky & Yuille, 1994; Schmitzer, 2019): one
+            block at each of $\varepsilon\,\text{decay}^{-K}, \dots,
+            \varepsilon\,\text{decay}^{-1}$, then the target $\varepsilon$, with $K$
+            the largest integer that keeps the start at or below the default epsilon
+            $0.05\,\bar c$ (`_anneal_levels`); convergence is only checked at the
+            target. It changes nothing for epsilon above half the default (with the
+            default decay), and saves iterations below it. The fixed point, hence the
             implicit gradient, is the same. Static; `errors` records the error at the
             epsilon of each block.
         anneal_decay: factor in (0, 1) per block of `inner_iterations`; traced.
@@ -217,16 +219,22 @@ class Sinkhorn(eqx.Module):
         dtype = a.dtype
         inner = self.inner_iterations
         if self.anneal and initializers.resolve(self.initializer, theta[0]) not in initializers.EXACT:
-            start = jnp.maximum(eps, default_epsilon(theta[0], a, b)).astype(dtype)
+            levels = _anneal_levels(default_epsilon(theta[0], a, b), eps, self.anneal_decay)
         else:
-            start = eps
+            levels = jnp.asarray(0)
 
-        def epsilon_at(it):  # geometric decay per block, from `start` down to eps
-            return jnp.maximum(eps, start * self.anneal_decay ** (it // inner))
+        def at_target(it):  # whether the block starting at iteration `it` runs at eps
+            return it // inner >= levels
+
+        def epsilon_at(it):  # eps / decay**k, k = the levels left: exactly eps at the target
+            left = jnp.maximum(levels - it // inner, 0)
+            return jnp.where(left > 0, eps * self.anneal_decay.astype(dtype) ** -left, eps)
+
+        start = epsilon_at(0)
 
         def block(state):
             potentials, it, errors, omega, history, n_iters = state
-            plain = (epsilon_at(it) <= eps) & (omega <= 1.0)
+            plain = at_target(it) & (omega <= 1.0)
             stop_below = jnp.where(plain, self.threshold, -1.0)  # early exit within the block
             steps = _Steps(geom, a, b, epsilon_at(it), tau_a, tau_b, inner, jnp.maximum(omega, 1.0), stop_below)
             def measured(out):
@@ -241,11 +249,11 @@ class Sinkhorn(eqx.Module):
             n_iters = n_iters + n_run
             errors = errors.at[it // inner].set(err)
             if self.acceleration == "relaxation":
-                omega = _next_omega(omega, errors, it // inner, inner, at_target=epsilon_at(it - inner) <= eps)
+                omega = _next_omega(omega, errors, it // inner, inner, at_target=at_target(it - inner))
             elif self.acceleration == "anderson":
                 go_on = (err > self.threshold) & (it + inner < self.n_blocks * inner)
                 prev = errors[jnp.maximum(it // inner - 1, 0)]
-                new, history = _anderson(steps, potentials, new, history, go_on, epsilon_at(it) <= eps, err <= GROWTH * prev)
+                new, history = _anderson(steps, potentials, new, history, go_on, at_target(it), err <= GROWTH * prev)
             it = it + inner
             if self.progress:
                 jax.debug.callback(_report, it, err, self.max_iterations)
@@ -255,9 +263,7 @@ class Sinkhorn(eqx.Module):
             _, it, errors, _, _, _ = state
             err = errors[jnp.maximum(it // inner - 1, 0)]
             budget = it < self.n_blocks * inner
-            # the last block ran at the target epsilon iff its epsilon was eps
-            at_target = epsilon_at(jnp.maximum(it - inner, 0)) <= eps
-            unfinished = (err > self.threshold) | ~at_target
+            unfinished = (err > self.threshold) | ~at_target(jnp.maximum(it - inner, 0))
             return (it == 0) | (budget & unfinished & jnp.isfinite(err))
 
         steps = _Steps(geom, a, b, start, tau_a, tau_b, inner, jnp.ones((), dtype))
@@ -471,6 +477,17 @@ class _Steps(eqx.Module):
         residual = self.a * (jnp.exp(-(1 - tau_a) / (tau_a * eps) * f) - jnp.exp((f - f_hat) / eps))
         err = jnp.sum(jnp.abs(residual))
         return jnp.where(jnp.isnan(err), jnp.inf, err)
+
+
+def _anneal_levels(start, eps, decay):
+    r"""The number $K \ge 0$ of annealing blocks above the target: the largest $K$
+    with $\varepsilon\,\text{decay}^{-K} \le$ `start` (the default epsilon). The
+    schedule $\varepsilon\,\text{decay}^{-K}, \dots, \varepsilon\,\text{decay}^{-1},
+    \varepsilon$ is anchored at the target, so the last block is exactly at
+    $\varepsilon$ and a target within one decay factor of the start is not annealed
+    (a start one rounding error above $\varepsilon$ would otherwise cost a block)."""
+    ratio = jnp.log(jnp.maximum(start / eps, 1.0)) / -jnp.log(decay)
+    return jnp.floor(ratio + 1e-4).astype(jnp.int32)  # 1e-4: exact powers of decay
 
 
 def _anderson(steps, old, new, history, go_on, at_target, improved, ridge=1e-6):
