@@ -102,6 +102,9 @@ def test_jit_and_vmap_over_a_batch():
         np.testing.assert_array_equal(plan > 0, perm > 0)  # continuous costs: unique optimum
     jaxpr = str(jax.make_jaxpr(jax.vmap(lambda C: _fields(C)[0]))(Cs.astype(np.float32)))
     assert "_host_call" not in jaxpr  # pure JAX: no host solver
+    if jax.default_backend() == "cpu":  # a loop over the 3 problems, not a batched one
+        assert "length=3" in jaxpr
+        assert "length=3" not in str(jax.make_jaxpr(lambda C: _fields(C)[0])(Cs[0].astype(np.float32)))
 
 
 def test_gradient_is_the_plan():

@@ -147,6 +147,41 @@ def test_network_simplex_under_vmap(clouds):
     np.testing.assert_allclose(np.asarray(costs), [ot.emd2(a, b, C) for C in Cs], rtol=1e-10)
 
 
+def test_host_methods_solve_a_vmapped_batch_in_one_call(monkeypatch):
+    """Nested vmap over costs and weights (a 2 x 3 batch, weights batched along one
+    axis only): one host round trip for the whole batch, and every problem's cost,
+    duals and status as if solved alone (POT, scipy)."""
+    from monge.solvers import exact
+
+    rng = np.random.default_rng(5)
+    n = 6
+    Cs = rng.uniform(size=(2, 3, n, n))
+    As = rng.uniform(0.5, 1.5, size=(3, n))
+    As = As / As.sum(1, keepdims=True)
+    b = np.full(n, 1 / n)
+    calls, trips = [], []
+    for name, log in (("_network_simplex_host", calls), ("_assignment_host", calls), ("_host_batch", trips)):
+        original = getattr(exact, name)
+        monkeypatch.setattr(exact, name, lambda *z, _f=original, _log=log, **k: _log.append(1) or _f(*z, **k))
+    with jax.enable_x64(True):
+        def cost(C, a, method):
+            sol = Exact(method=method)(monge.LinearProblem(monge.CostMatrix(C), a, b))
+            return sol.cost, sol.f, sol.status
+
+        inner = jax.vmap(cost, in_axes=(0, 0, None))  # over the 3: costs and weights
+        simplex = jax.jit(jax.vmap(inner, in_axes=(0, None, None)), static_argnums=2)
+        costs, fs, status = simplex(Cs, As, "network_simplex")
+        assert (len(trips), len(calls)) == (1, 2 * 3)  # six problems, one round trip
+        for i in range(2):
+            for k in range(3):
+                np.testing.assert_allclose(float(costs[i, k]), ot.emd2(As[k], b, Cs[i, k]), rtol=1e-10)
+        assert np.all(np.asarray(status) == monge.Status.CONVERGED)
+        uniform = jax.jit(jax.vmap(lambda C: cost(C, b, "assignment")[0]))(Cs[0])
+        for k in range(3):
+            rows, cols = linear_sum_assignment(Cs[0, k])
+            np.testing.assert_allclose(float(uniform[k]), Cs[0, k][rows, cols].mean(), rtol=1e-12)
+
+
 def test_pivot_budget_is_reported_not_silent():
     rng = np.random.default_rng(0)
     C = rng.uniform(size=(30, 40))

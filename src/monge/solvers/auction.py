@@ -17,8 +17,11 @@ Castañon (1989): all unassigned persons bid in the same round, one $O(n^2)$ pas
 best and second-best of each bidding row by two reductions, the conflicting bids for
 an object resolved by a scatter-min). Late in a phase only a few persons bid, so their
 rows are gathered first (into a buffer of 4, 16, 64, ... rows): such a round costs
-$O(kn)$ for $k$ bidders. Under `vmap` every buffer size is computed each round (at
-most twice the work of a full round).
+$O(kn)$ for $k$ bidders. Under `vmap` the problems of a batch are solved one after
+the other (`lax.map`; on accelerators small problems are batched, see
+`monge.solvers._batching`): batched, every problem would run the slowest one's rounds
+and every buffer size would be computed each round. On CPU, one by one was 8x faster
+for 256 problems of n = 32 and 40x for 64 problems of n = 128 (float32).
 
 $\varepsilon$-scaling (Bertsekas, 1988): the costs are first shifted by their row
 minima (which changes no assignment's rank) and divided by their largest entry, so
@@ -73,6 +76,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from monge.solution import Status
+from monge.solvers._batching import one_by_one
 
 __all__ = ["AuctionResult", "auction"]
 
@@ -144,6 +148,15 @@ def auction(
         zero = jnp.zeros((), dtype)
         return AuctionResult(jnp.zeros(1, int), C[0], jnp.zeros(1, dtype), jnp.asarray(0),
                              zero, status.astype(jnp.int32))
+    options = dict(max_iterations=max_iterations, epsilon_start=epsilon_start, epsilon_factor=epsilon_factor)
+    # vmapped: problem by problem (a batched while loop runs the slowest one's rounds
+    # everywhere, and every bidder-buffer size of `lax.switch` each round)
+    return one_by_one(lambda args: _solve(*args, **options), (C, jnp.asarray(threshold)), size=n * n)
+
+
+def _solve(C, threshold, *, max_iterations, epsilon_start, epsilon_factor) -> AuctionResult:
+    """`auction` on a validated float matrix with n >= 2."""
+    n, dtype = C.shape[0], C.dtype
     shift = jnp.min(C, axis=1)
     scale = jnp.max(C - shift[:, None])
     scale = jnp.where(scale > 0, scale, 1.0)

@@ -30,9 +30,10 @@ Four backends, chosen by `Exact(method=...)`:
   `linear_sum_assignment` to ~$10^{-12}$ of the mean cost); in float32 the certified
   gap is ~$10^{-5}$ of the mean cost, and the assignment is optimal for the float32
   costs unless the mean costs of two assignments differ by less than that. Prefer it
-  for batches (`vmap`) of assignments, on an accelerator, or where no host callback
-  is allowed; on a CPU, for one problem, the network simplex is faster (about 5x on
-  point clouds of $n = 500$ to $2000$).
+  on an accelerator, or where no host callback is allowed. On a CPU the network
+  simplex is faster, for one problem (about 5x on point clouds of $n = 500$ to
+  $2000$) and for vmapped batches (one host round trip per batch; see
+  `benchmarks/bench_exact.py --batch`).
 
 Gradients (all methods, a custom VJP; LP sensitivity): for `reg_cost` $=
 \mathrm{OT}$, $\partial/\partial C = P$, $\partial/\partial a = f$, $\partial/\partial b
@@ -378,7 +379,11 @@ def _feasible_duals(C, f, g, a, b):
 
 
 def _host_call(solver: Exact, C, a, b):
-    """Run the host method through `jax.pure_callback` (sequentially under `vmap`)."""
+    """Run the host method through `jax.pure_callback`. Under `vmap` the whole batch
+    crosses to the host in one call (``vmap_method="broadcast_all"``) and is solved
+    there problem by problem: one round trip instead of one per problem, which
+    dominates for small problems (256 assignments of 32 points: 5.0x POT's time
+    looped over the batch, one call per problem; see `benchmarks/bench_exact.py`)."""
     dtype = np.dtype(C.dtype)
     n, m = C.shape
     host = _network_simplex_host if solver.method == "network_simplex" else _assignment_host
@@ -397,20 +402,33 @@ def _host_call(solver: Exact, C, a, b):
         return z.view(np.uint32).reshape(z.shape + (2,)) if wide else z
 
     def wrapped(C, a, b):
-        *arrays, status = host(
-            *(from_device(z) for z in (C, a, b)), max_iterations=solver.iterations
+        *arrays, status = _host_batch(
+            host, *(from_device(z) for z in (C, a, b)), max_iterations=solver.iterations
         )
-        return (*(to_device(z) for z in arrays), np.int32(status))
+        return (*(to_device(z) for z in arrays), status)
 
     tail, carrier = ((2,), np.dtype(np.uint32)) if wide else ((), dtype)
     shapes = tuple(jax.ShapeDtypeStruct(s + tail, carrier) for s in ((n, m), (n,), (m,)))
     shapes += (jax.ShapeDtypeStruct((), jnp.int32),)
     *out, status = jax.pure_callback(
-        wrapped, shapes, to_host(C), to_host(a), to_host(b), vmap_method="sequential"
+        wrapped, shapes, to_host(C), to_host(a), to_host(b), vmap_method="broadcast_all"
     )
     if wide:
         out = [jax.lax.bitcast_convert_type(z, dtype) for z in out]
     return (*out, status)
+
+
+def _host_batch(host, C, a, b, *, max_iterations):
+    """`host` on each problem of a batch (leading axes of `C (..., n, m)`, `a (..., n)`,
+    `b (..., m)`, all broadcast to the same batch shape); outputs stacked likewise."""
+    (n, m), batch = C.shape[-2:], C.shape[:-2]
+    outs = [
+        host(*problem, max_iterations=max_iterations)
+        for problem in zip(C.reshape(-1, n, m), a.reshape(-1, n), b.reshape(-1, m))
+    ]
+    stacked = [np.stack([np.asarray(z) for z in out]) for out in zip(*outs)]
+    *arrays, status = (z.reshape(batch + z.shape[1:]) for z in stacked)
+    return (*arrays, status.astype(np.int32))
 
 
 def _network_simplex_host(C, a, b, *, max_iterations):

@@ -32,6 +32,7 @@ from monge.geometry import ONE_PASS_FLOOR, AbstractGeometry, CostMatrix, as_floa
 from monge.problems import LinearProblem, default_epsilon
 from monge.solution import MESSAGES, Solution, Status, safe_log
 from monge.solvers import initializers
+from monge.solvers._batching import SEQUENTIAL_ABOVE, one_by_one
 from monge.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint
 
 __all__ = ["Sinkhorn", "SEQUENTIAL_ABOVE", "ANDERSON_MEMORY"]
@@ -43,12 +44,6 @@ ANDERSON_MEMORY = 5
 #: (a margin, so that the tiny fluctuations of a plateau do not count as growth).
 GROWTH = 1.01
 
-#: On accelerators, vmapped problems with fewer cost entries (n * m) than this are
-#: batched, larger ones solved one after the other (see `Sinkhorn.iterate`); on CPU
-#: they are always solved one after the other, which was faster at every size measured
-#: (8 problems, epsilon from 0.05 to 0.002 x mean cost: 12x at n = 64, 18x at n = 1000).
-#: The accelerator threshold is a guess, not yet measured.
-SEQUENTIAL_ABOVE = 2**16
 
 
 class Sinkhorn(eqx.Module):
@@ -187,28 +182,8 @@ class Sinkhorn(eqx.Module):
         """
         if unrolled:
             return self._iterate(theta, unrolled=True)
-        # custom_vmap traces `run` on its own: every array (the solver's too) is an input
-        dynamic, static = eqx.partition((self, theta), eqx.is_array)
-
-        def run(dynamic):
-            solver, theta = eqx.combine(dynamic, static)
-            return solver._iterate(theta, unrolled=False)
-
-        batched_run = jax.custom_batching.custom_vmap(run)
-
-        @batched_run.def_vmap
-        def _(axis_size, in_batched, dynamic):
-            (in_batched,) = in_batched  # one flag per leaf of the single argument
-            n, m = theta[0].shape
-            axes = jax.tree_util.tree_map(lambda batched: 0 if batched else None, in_batched)
-            if jax.default_backend() != "cpu" and n * m < SEQUENTIAL_ABOVE:
-                out = jax.vmap(run, in_axes=(axes,))(dynamic)
-            else:
-                mapped, shared = eqx.partition(dynamic, in_batched)
-                out = jax.lax.map(lambda one: run(eqx.combine(one, shared)), mapped)
-            return out, jax.tree_util.tree_map(lambda _: True, out)
-
-        return batched_run(dynamic)
+        n, m = theta[0].shape
+        return one_by_one(lambda st: st[0]._iterate(st[1], unrolled=False), (self, theta), size=n * m)
 
     def _iterate(self, theta, unrolled: bool):
         geom, a, b, eps, tau_a, tau_b = theta
