@@ -13,6 +13,7 @@ from conftest import sqdist
 from scipy.special import logsumexp
 
 import monge
+from monge.geometry import ONE_PASS_FLOOR
 from monge.solvers.sinkhorn import _next_omega, _Steps
 
 
@@ -108,6 +109,39 @@ def test_fused_sweep_equals_alternating_log_updates(tau, omega):
             np.testing.assert_allclose(np.asarray(f1), f_one, rtol=rtol, atol=rtol * scale)
             np.testing.assert_allclose(np.asarray(g1), g, rtol=rtol, atol=rtol * scale)
             np.testing.assert_allclose(float(err), np.abs(b * np.exp(-g / rho) - P.sum(0)).sum(), rtol=1e3 * rtol)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7], ids=["balanced", "unbalanced"])
+@pytest.mark.parametrize("outlier", [False, True], ids=["one-pass", "fallback"])
+def test_fused_start_is_one_log_domain_iteration(tau, outlier):
+    """The online start (`_Steps.fused_start`, one pass over the cost) is f0 = tau
+    f_hat(0), g0 = tau g_hat(f0) of two-pass log-sum-exps in NumPy float64, zero
+    weights included. With a target point far from every source its column sum
+    underflows the one-pass floor (checked below in NumPy), and the two-pass fallback
+    gives the same values."""
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(13, 3)), rng.normal(size=(11, 3)) + 0.3
+    if outlier:
+        y[0] += 8.0
+    a, b = rng.uniform(0.5, 1.5, 13), rng.uniform(0.5, 1.5, 11)
+    a[2], b[4] = 0.0, 0.0
+    a, b = a / a.sum(), b / b.sum()
+    M, eps = sqdist(x, y), 0.4
+    with np.errstate(divide="ignore"):
+        log_a, log_b = np.log(a), np.log(b)
+    f_ref = tau * -eps * logsumexp(log_b[None, :] - M / eps, axis=1)
+    log_columns = logsumexp(log_a[:, None] + (f_ref[:, None] - M) / eps, axis=0)
+    g_ref = tau * -eps * log_columns
+    assert (log_columns.min() < ONE_PASS_FLOOR) == outlier
+    for dtype, rtol in ((jnp.float64, 1e-11), (jnp.float32, 2e-5)):
+        with jax.enable_x64(dtype == jnp.float64):
+            geom = monge.PointCloud(jnp.asarray(x, dtype), jnp.asarray(y, dtype), online=True, chunk_size=4)
+            steps = _Steps(geom, jnp.asarray(a, dtype), jnp.asarray(b, dtype), jnp.asarray(eps, dtype),
+                           jnp.asarray(tau, dtype), jnp.asarray(tau, dtype), 1)
+            f0, g0 = jax.jit(lambda s: s.fused_start())(steps)
+            scale = np.abs(g_ref).max()
+            np.testing.assert_allclose(np.asarray(f0), f_ref, rtol=rtol, atol=rtol * scale)
+            np.testing.assert_allclose(np.asarray(g0), g_ref, rtol=rtol, atol=rtol * scale)
 
 
 def test_online_kernel_mode_falls_back_in_float32():

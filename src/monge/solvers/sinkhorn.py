@@ -245,6 +245,8 @@ class Sinkhorn(eqx.Module):
         f0 = initializers.initial_potential(self.initializer, theta[0], a, b, start)
         if f0 is None and dense:  # the stored-matrix kernel block absorbs a rough start
             f0, g0 = jnp.zeros((n,), dtype), jnp.zeros((m,), dtype)
+        elif f0 is None and kernel:  # online: f0 = f_hat(0), g0 = g_hat(f0) in one pass
+            f0, g0 = steps.fused_start()
         else:
             if f0 is None:  # one log-domain f update from g = 0
                 f0 = tau_a * steps.f_hat(jnp.zeros((m,), dtype))
@@ -444,6 +446,41 @@ class _Steps(eqx.Module):
 
         new, err = jax.lax.cond(done, lambda: ((f, g, shift), err), complete)
         return new, n_run, err
+
+    def fused_start(self):
+        r"""`(f0, g0)`: $f_0 = \tau_a \hat f(0)$ and $g_0 = \tau_b \hat g(f_0)$, one
+        Sinkhorn iteration from $g = 0$, in one pass over $C$ instead of two.
+
+        Each row block computes $E_{ij} = e^{-C_{ij}/\varepsilon - t_i}$ with $t_i =
+        \max_j (\log b_j - C_{ij}/\varepsilon)$ (a two-pass log-sum-exp over the rows,
+        which are in cache), so $\hat f_i = -\varepsilon(t_i + \log\sum_j b_j E_{ij})$
+        exactly; the same exponentials give the column sums $\sum_i w_i E_{ij} =
+        \sum_i a_i e^{(f_{0,i} - C_{ij})/\varepsilon}$ with $w_i = a_i e^{f_{0,i}
+        /\varepsilon + t_i}$ ($a_i / \sum_j b_j E_{ij}$ when balanced), accumulated
+        over the blocks. Where a value is not finite or a column sum is below
+        $e^{\text{ONE\_PASS\_FLOOR}}$ (a target point far from every source, a very
+        unbalanced problem), both come from two-pass log-sum-exps instead.
+        """
+        eps, a, b = self.eps, self.a, self.b
+        log_b = safe_log(b)
+
+        def fn(c, acc, a_i):
+            z = -c / eps
+            top = jax.lax.stop_gradient(jnp.max(z + log_b[None, :], axis=1))
+            E = flushed_exp(z - top[:, None])
+            f = self.tau_a * -eps * (top + jnp.log(jnp.sum(E * b[None, :], axis=1)))
+            w = a_i * jnp.exp(f / eps + top)
+            return acc + jnp.sum(w[:, None] * E, axis=0), f
+
+        acc, f0 = self.geom.scan_blocks(fn, 1, jnp.zeros_like(b), a)
+        log_acc = jnp.log(acc)
+        ok = jnp.all(jnp.isfinite(log_acc) & (log_acc > ONE_PASS_FLOOR)) & jnp.all(jnp.isfinite(f0))
+
+        def two_pass():
+            f = self.tau_a * self.f_hat(jnp.zeros_like(b))
+            return f, -self.tau_b * eps * self.geom.lse(f, eps, 0, w=a)
+
+        return jax.lax.cond(ok, lambda: (f0, -self.tau_b * eps * log_acc), two_pass)
 
     def error(self, potentials):
         r"""L1 optimality error $\|a e^{-f/\rho_a} - P\mathbf 1\|_1$ of `(f, g)`."""
