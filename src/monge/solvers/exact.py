@@ -12,7 +12,9 @@ Four backends, chosen by `Exact(method=...)`:
 - ``"assignment"``: for $n = m$ and uniform weights, scipy's
   `linear_sum_assignment` (Crouse, 2016) on the host; the duals are the shortest-path
   distances of the residual graph (Bellman-Ford). Exact. Faster than the network
-  simplex on unstructured costs, slower on geometric (point-cloud) costs.
+  simplex on unstructured costs (n = 2000, C uniform on [0, 1]: 0.75x POT's `emd`
+  time against 1.12x), slower on geometric (point-cloud) costs
+  (`benchmarks/bench_exact.py --random`).
 - ``"sinkhorn_rounding"``: pure JAX, runs under `jit`/`vmap` on any device with no
   host callback. Log-domain Sinkhorn with $\varepsilon$-scaling, then the rounding of
   Altschuler, Weed & Rigollet (2017) onto the transport polytope (a feasible plan

@@ -45,7 +45,6 @@ ANDERSON_MEMORY = 5
 GROWTH = 1.01
 
 
-
 class Sinkhorn(eqx.Module):
     r"""Log-domain Sinkhorn solver for `LinearProblem`s.
 
