@@ -165,7 +165,7 @@ def test_online_kernel_mode_falls_back_in_float32():
 
 @pytest.mark.parametrize(
     "acceleration, online",
-    [("relaxation", False), ("relaxation", True), ("anderson", False), ("anderson", True)],
+    [("relaxation", False), ("relaxation", True), ("anderson", False), pytest.param("anderson", True, marks=pytest.mark.slow)],
 )
 def test_acceleration_same_plan_fewer_iterations(acceleration, online):
     rng = np.random.default_rng(1)
@@ -253,7 +253,12 @@ def test_vmapped_problems_are_solved_one_by_one(clouds):
             np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(jax.grad(cost)(x, e)), rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("adjoint", [monge.ImplicitAdjoint(), monge.UnrolledAdjoint()], ids=["implicit", "unrolled"])
+@pytest.mark.parametrize(
+    "adjoint",
+    # unrolled against implicit is also checked by default in test_sinkhorn_autodiff
+    [monge.ImplicitAdjoint(), pytest.param(monge.UnrolledAdjoint(), marks=pytest.mark.slow)],
+    ids=["implicit", "unrolled"],
+)
 @pytest.mark.parametrize("acceleration", ["relaxation", "anderson"])
 def test_accelerated_gradients_match_finite_differences(clouds, acceleration, adjoint):
     x, y, a, b = clouds

@@ -132,7 +132,7 @@ def test_float32_binding_k_matches_pot_semi_dual_value():
     np.testing.assert_allclose(plan.sum(0), b, atol=1e-6)
 
 
-@pytest.mark.parametrize("k, output", [(1, "reg_cost"), (4, "cost")])
+@pytest.mark.parametrize("k, output", [(1, "reg_cost"), pytest.param(4, "cost", marks=pytest.mark.slow)])
 def test_gradient_wrt_cost_matches_finite_differences(square, k, output):
     C, _ = square
     C = C[:6, :6]

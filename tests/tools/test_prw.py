@@ -44,7 +44,7 @@ def projector_gap(U, k_star):
     return np.linalg.norm(U @ U.T - E)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # a second seed: slow
 def test_fragmented_hypercube_value_and_subspace(cube, seed):
     x, y = cube
     res = prw(x, y, k=2, key=jax.random.key(seed), n_steps=50)
@@ -83,6 +83,7 @@ def test_k_equal_d_is_entropic_w2_of_pot():
                                    V_ref, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.slow  # a bound; the k = d and value tests cover the solver by default
 def test_k1_bounds_fixed_projections_from_above(cube):
     x, y = cube
     res = prw(x, y, k=1, epsilon=0.05, key=jax.random.key(3), n_steps=60)
