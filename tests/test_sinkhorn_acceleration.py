@@ -14,7 +14,13 @@ from scipy.special import logsumexp
 
 import monge
 from monge.geometry import ONE_PASS_FLOOR
-from monge.solvers.sinkhorn import _next_omega, _Steps
+from monge.solvers.sinkhorn import _Steps
+from monge.solvers.sinkhorn import _next_omega as _next_omega_of_errors
+
+
+def _next_omega(omega, errors, k, inner, at_target):
+    """The relaxation update after block k of an error history."""
+    return _next_omega_of_errors(omega, errors[k], errors[max(k - 1, 0)], k, inner, at_target)
 
 
 def pot_plan(a, b, M, eps, **kw):

@@ -63,6 +63,13 @@ class AbstractGeometry(eqx.Module):
     def cost_matrix(self) -> Float[Array, "n m"]:
         """The dense `(n, m)` cost matrix (materialised)."""
 
+    @property
+    def materialized(self) -> bool:
+        """Whether `cost_matrix()` returns a stored matrix (cheap to read, static).
+        Solvers use it to pick their arithmetic (Sinkhorn's matrix-vector kernel blocks
+        on a stored matrix, one fused pass over blocks otherwise); default False."""
+        return False
+
     @abc.abstractmethod
     def precompute(self) -> AbstractGeometry:
         """The geometry a solver iterates on: the same operator, with the cost matrix
@@ -224,6 +231,10 @@ class CostMatrix(AbstractGeometry):
 
     def cost_matrix(self):
         return self.C
+
+    @property
+    def materialized(self) -> bool:
+        return True
 
     def precompute(self):
         return self

@@ -51,9 +51,9 @@ class AbstractAdjoint(eqx.Module):
     """How a solver's output is differentiated."""
 
     @abc.abstractmethod
-    def fixed_point(self, solver, theta):
-        """Run `solver.iterate(theta, unrolled) -> (f, g, stats)` with this adjoint's
-        gradient attached."""
+    def fixed_point(self, solver, theta, init=None):
+        """Run `solver.iterate(theta, unrolled, init) -> (f, g, trace)` with this
+        adjoint's gradient attached; `init` is a warm start (no gradient flows into it)."""
 
 
 class UnrolledAdjoint(AbstractAdjoint):
@@ -64,8 +64,8 @@ class UnrolledAdjoint(AbstractAdjoint):
     implicit differentiation. Useful as a reference and for few iterations.
     """
 
-    def fixed_point(self, solver, theta):
-        return solver.iterate(theta, unrolled=True)
+    def fixed_point(self, solver, theta, init=None):
+        return solver.iterate(theta, True, init)
 
 
 class ImplicitAdjoint(AbstractAdjoint):
@@ -85,23 +85,23 @@ class ImplicitAdjoint(AbstractAdjoint):
     ridge: float = eqx.field(default=1e-7, converter=as_float_array)
     max_steps: int = eqx.field(default=500, static=True)
 
-    def fixed_point(self, solver, theta):
-        return _implicit(theta, solver)
+    def fixed_point(self, solver, theta, init=None):
+        return _implicit(theta, solver, init)
 
 
 @eqx.filter_custom_vjp
-def _implicit(theta, solver):
-    return solver.iterate(theta, unrolled=False)
+def _implicit(theta, solver, init):
+    return solver.iterate(theta, False, init)
 
 
 @_implicit.def_fwd
-def _implicit_fwd(perturbed, theta, solver):
-    out = solver.iterate(theta, unrolled=False)
+def _implicit_fwd(perturbed, theta, solver, init):
+    out = solver.iterate(theta, False, init)
     return out, (out[0], out[1])
 
 
 @_implicit.def_bwd
-def _implicit_bwd(residuals, grad_obj, perturbed, theta, solver):
+def _implicit_bwd(residuals, grad_obj, perturbed, theta, solver, init):
     adjoint = solver.adjoint
     f, g = residuals
     f_bar, g_bar = grad_obj[0], grad_obj[1]

@@ -18,8 +18,6 @@ exact and the solver may stop on $\|b\,e^{-g/\rho_b} - P^\top\mathbf 1\|_1$.
 from __future__ import annotations
 
 import functools
-import math
-import sys
 
 import equinox as eqx
 import jax
@@ -28,14 +26,14 @@ import jax.numpy as jnp
 from monge import _checks
 from jaxtyping import Array
 
-from monge.geometry import ONE_PASS_FLOOR, AbstractGeometry, CostMatrix, as_float_array, flushed_exp
+from monge.geometry import ONE_PASS_FLOOR, AbstractGeometry, as_float_array, flushed_exp
 from monge.problems import LinearProblem, default_epsilon
-from monge.solution import MESSAGES, Solution, Status, safe_log
-from monge.solvers import initializers
+from monge.solution import Solution, safe_log
+from monge.solvers import driver, initializers
 from monge.solvers._batching import SEQUENTIAL_ABOVE, one_by_one
 from monge.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint
 
-__all__ = ["Sinkhorn", "SEQUENTIAL_ABOVE", "ANDERSON_MEMORY"]
+__all__ = ["Sinkhorn", "SEQUENTIAL_ABOVE", "ANDERSON_MEMORY", "warm_start"]
 
 #: Blocks remembered by `acceleration="anderson"`.
 ANDERSON_MEMORY = 5
@@ -45,7 +43,7 @@ ANDERSON_MEMORY = 5
 GROWTH = 1.01
 
 
-class Sinkhorn(eqx.Module):
+class Sinkhorn(driver.AbstractIterativeSolver):
     r"""Log-domain Sinkhorn solver for `LinearProblem`s.
 
     Args:
@@ -148,28 +146,38 @@ class Sinkhorn(eqx.Module):
             )
 
     @property
-    def n_blocks(self) -> int:
-        return math.ceil(self.max_iterations / self.inner_iterations)
+    def error_label(self) -> str:
+        return "marginal error"
 
-    def __call__(self, problem: LinearProblem, *, throw: bool = False) -> Solution:
-        """Solve `problem`. With `throw=True`, a run that does not converge raises an
-        `EquinoxRuntimeError` carrying the status message instead of returning."""
+    def __call__(self, problem: LinearProblem, *, init=None, throw: bool = False) -> Solution:
+        """Solve `problem`.
+
+        Args:
+            problem: a `LinearProblem`.
+            init: a warm start: a previous `Solution` (of a problem of the same shape,
+                e.g. the last iterate of an outer loop) or potentials `(f, g)` of
+                shapes `(n,)`, `(m,)`. The solve starts from them instead of the
+                initializer, without annealing; the fixed point, hence the result to
+                the threshold and the implicit gradient, is the same (no gradient flows
+                into `init`).
+            throw: raise an `EquinoxRuntimeError` carrying the status message instead of
+                returning a run that did not converge.
+        """
         if not isinstance(problem, LinearProblem):
             raise ValueError(
                 f"`Sinkhorn` solves a monge.LinearProblem; received {type(problem).__name__}."
             )
         initializers.check_applicable(self.initializer, problem.geom)
-        return _solve(self, problem, throw)
+        return _solve(self, problem, warm_start(init, problem.geom.shape), throw)
 
-    # -- iterations -------------------------------------------------------------------
+    # -- iterations (run by the shared driver) ----------------------------------------
     def uses_kernel(self, geom) -> bool:
         """Whether blocks run in kernel (scaling) mode on this geometry (static)."""
         return self.mode in ("auto", "kernel")
 
-    def iterate(self, theta, unrolled: bool):
-        """Run the iterations on `theta = (geom, a, b, eps, tau_a, tau_b)`.
-
-        Returns `(f, g, (n_iters, errors, error))`.
+    def iterate(self, theta, unrolled: bool, init=None):
+        """Run the iterations on `theta = (geom, a, b, eps, tau_a, tau_b)` from the warm
+        start `init` (`(f, g)` or `None`). Returns `(f, g, trace)` (`driver.Trace`).
 
         Under `jax.vmap` a `while_loop` runs every problem of the batch until the
         slowest has converged, and a batched `lax.cond` (the kernel mode's fallback)
@@ -180,99 +188,119 @@ class Sinkhorn(eqx.Module):
         mode through the iterations (`UnrolledAdjoint`) always batches.
         """
         if unrolled:
-            return self._iterate(theta, unrolled=True)
+            return self._iterate(theta, True, init)
         n, m = theta[0].shape
-        return one_by_one(lambda st: st[0]._iterate(st[1], unrolled=False), (self, theta), size=n * m)
+        return one_by_one(lambda st: st[0]._iterate(st[1], False, st[2]), (self, theta, init), size=n * m)
 
-    def _iterate(self, theta, unrolled: bool):
+    def _iterate(self, theta, unrolled: bool, init):
         geom, a, b, eps, tau_a, tau_b = theta
-        kernel = self.uses_kernel(geom)
-        geom = geom.precompute()
-        dense = isinstance(geom, CostMatrix)
-        n, m = geom.shape
+        data = (geom, geom.precompute(), a, b, eps, tau_a, tau_b)
+        state = self.init(data, init)
+        state, trace = driver.fixed_point(self, data, state, unrolled=unrolled)
+        f, g, _ = state[0]
+        return f, g, trace
+
+    def _schedule(self, data, levels):
+        """`(at_target(k), epsilon_at(k))` for block index k."""
+        eps = data[4]
+
+        def at_target(k):  # whether block k runs at eps
+            return k >= levels
+
+        def epsilon_at(k):  # eps / decay**left, left = the levels left: exactly eps at the target
+            left = jnp.maximum(levels - k, 0)
+            return jnp.where(left > 0, eps * self.anneal_decay.astype(eps.dtype) ** -left, eps)
+
+        return at_target, epsilon_at
+
+    def init(self, data, init):
+        """The first state: potentials `(f, g, f_hat)`, the relaxation factor, the
+        Anderson history, the previous block's error and the number of annealing
+        levels. A warm start `init = (f, g)` replaces the initializer and annealing."""
+        geom, pre, a, b, eps, tau_a, tau_b = data
+        n, m = pre.shape
         dtype = a.dtype
-        inner = self.inner_iterations
-        if self.anneal and initializers.resolve(self.initializer, theta[0]) not in initializers.EXACT:
-            levels = _anneal_levels(default_epsilon(theta[0], a, b), eps, self.anneal_decay)
+        kernel = self.uses_kernel(pre)
+        stored = pre.materialized
+        resolved = initializers.resolve(self.initializer, geom)
+        if init is None and self.anneal and resolved not in initializers.EXACT:
+            levels = _anneal_levels(default_epsilon(geom, a, b), eps, self.anneal_decay)
         else:
-            levels = jnp.asarray(0)
-
-        def at_target(it):  # whether the block starting at iteration `it` runs at eps
-            return it // inner >= levels
-
-        def epsilon_at(it):  # eps / decay**k, k = the levels left: exactly eps at the target
-            left = jnp.maximum(levels - it // inner, 0)
-            return jnp.where(left > 0, eps * self.anneal_decay.astype(dtype) ** -left, eps)
-
-        start = epsilon_at(0)
-
-        def block(state):
-            potentials, it, errors, omega, history, n_iters = state
-            plain = at_target(it) & (omega <= 1.0)
-            stop_below = jnp.where(plain, self.threshold, -1.0)  # early exit within the block
-            steps = _Steps(geom, a, b, epsilon_at(it), tau_a, tau_b, inner, jnp.maximum(omega, 1.0), stop_below)
-            def measured(out):
-                return *out, steps.error(out[0])
-
-            if kernel:  # fast arithmetic; a block that is not finite is redone exactly
-                out = measured(steps.kernel_block(potentials)) if dense else steps.fused_block(potentials)
-                ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(z)) for z in out[0]]))
-                new, n_run, err = jax.lax.cond(ok, lambda: out, lambda: measured(steps.log_block(potentials)))
-            else:
-                new, n_run, err = measured(steps.log_block(potentials))
-            n_iters = n_iters + n_run
-            errors = errors.at[it // inner].set(err)
-            if self.acceleration == "relaxation":
-                omega = _next_omega(omega, errors, it // inner, inner, at_target=at_target(it - inner))
-            elif self.acceleration == "anderson":
-                go_on = (err > self.threshold) & (it + inner < self.n_blocks * inner)
-                prev = errors[jnp.maximum(it // inner - 1, 0)]
-                new, history = _anderson(steps, potentials, new, history, go_on, at_target(it), err <= GROWTH * prev)
-            it = it + inner
-            if self.progress:
-                jax.debug.callback(_report, it, err, self.max_iterations)
-            return new, it, errors, omega, history, n_iters
-
-        def running(state):
-            _, it, errors, _, _, _ = state
-            err = errors[jnp.maximum(it // inner - 1, 0)]
-            budget = it < self.n_blocks * inner
-            unfinished = (err > self.threshold) | ~at_target(jnp.maximum(it - inner, 0))
-            return (it == 0) | (budget & unfinished & jnp.isfinite(err))
-
-        steps = _Steps(geom, a, b, start, tau_a, tau_b, inner, jnp.ones((), dtype))
-        f0 = initializers.initial_potential(self.initializer, theta[0], a, b, start)
-        if f0 is None and dense:  # the stored-matrix kernel block absorbs a rough start
-            f0, g0 = jnp.zeros((n,), dtype), jnp.zeros((m,), dtype)
-        elif f0 is None and kernel:  # online: f0 = f_hat(0), g0 = g_hat(f0) in one pass
-            f0, g0 = steps.fused_start()
-        else:
-            if f0 is None:  # one log-domain f update from g = 0
-                f0 = tau_a * steps.f_hat(jnp.zeros((m,), dtype))
-            else:  # the start only changes the path, never the fixed point or its gradient
-                f0 = jax.lax.stop_gradient(f0.astype(dtype))
-            # online, the fused block's one-pass sums need g consistent with f from the start
-            g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
-        if kernel and not dense:  # the fused block recomputes f_hat(g0), shifted by this
-            potentials = (f0, g0, f0 / tau_a)
-        else:
+            levels = jnp.asarray(0, jnp.int32)
+        start = self._schedule(data, levels)[1](0)
+        steps = _Steps(pre, a, b, start, tau_a, tau_b, self.inner_iterations, jnp.ones((), dtype))
+        if init is not None:  # a warm start: the fixed point, hence the gradient, is the same
+            f0, g0 = (jax.lax.stop_gradient(z.astype(dtype)) for z in init)
             potentials = (f0, g0, steps.f_hat(g0))
+        else:
+            f0 = initializers.initial_potential(self.initializer, geom, a, b, start)
+            if f0 is None and stored:  # the stored-matrix kernel block absorbs a rough start
+                f0, g0 = jnp.zeros((n,), dtype), jnp.zeros((m,), dtype)
+            elif f0 is None and kernel:  # online: f0 = f_hat(0), g0 = g_hat(f0) in one pass
+                f0, g0 = steps.fused_start()
+            else:
+                if f0 is None:  # one log-domain f update from g = 0
+                    f0 = tau_a * steps.f_hat(jnp.zeros((m,), dtype))
+                else:  # the start only changes the path, never the fixed point or its gradient
+                    f0 = jax.lax.stop_gradient(f0.astype(dtype))
+                # online, the fused block's one-pass sums need g consistent with f from the start
+                g0 = -tau_b * start * steps.geom.lse(f0, start, 0, w=a)
+            if kernel and not stored:  # the fused block recomputes f_hat(g0), shifted by this
+                potentials = (f0, g0, f0 / tau_a)
+            else:
+                potentials = (f0, g0, steps.f_hat(g0))
         memory = ANDERSON_MEMORY if self.acceleration == "anderson" else 0
         history = (jnp.zeros((memory, m), dtype), jnp.zeros((memory, m), dtype), jnp.asarray(0))
-        state = (potentials, jnp.asarray(0), -jnp.ones((self.n_blocks,), dtype), jnp.ones((), dtype), history, jnp.asarray(0))
-        if unrolled:
+        return (potentials, jnp.ones((), dtype), history, -jnp.ones((), dtype), levels)
 
-            def masked(state, _):
-                new = jax.checkpoint(block)(state)
-                keep = running(state)
-                return jax.tree_util.tree_map(lambda u, v: jnp.where(keep, u, v), new, state), None
+    def step(self, data, state, k):
+        """One block of `inner_iterations` updates (annealed, relaxed or mixed)."""
+        _, pre, a, b, eps, tau_a, tau_b = data
+        potentials, omega, history, prev, levels = state
+        at_target, epsilon_at = self._schedule(data, levels)
+        kernel, stored = self.uses_kernel(pre), pre.materialized
+        plain = at_target(k) & (omega <= 1.0)
+        stop_below = jnp.where(plain, self.threshold, -1.0)  # early exit within the block
+        steps = _Steps(pre, a, b, epsilon_at(k), tau_a, tau_b, self.inner_iterations,
+                       jnp.maximum(omega, 1.0), stop_below)
 
-            state, _ = jax.lax.scan(masked, state, None, self.n_blocks)
+        def measured(out):
+            return *out, steps.error(out[0])
+
+        if kernel:  # fast arithmetic; a block that is not finite is redone exactly
+            out = measured(steps.kernel_block(potentials)) if stored else steps.fused_block(potentials)
+            ok = jnp.all(jnp.array([jnp.all(jnp.isfinite(z)) for z in out[0]]))
+            new, n_run, err = jax.lax.cond(ok, lambda: out, lambda: measured(steps.log_block(potentials)))
         else:
-            state = jax.lax.while_loop(running, block, state)
-        (f, g, _), it, errors, _, _, n_iters = state
-        error = errors[jnp.maximum(it // self.inner_iterations - 1, 0)]
-        return f, g, (n_iters, errors, error)
+            new, n_run, err = measured(steps.log_block(potentials))
+        if self.acceleration == "relaxation":
+            omega = _next_omega(omega, err, prev, k, self.inner_iterations, at_target=at_target(k - 1))
+        elif self.acceleration == "anderson":
+            go_on = (err > self.threshold) & (k + 1 < self.n_blocks)
+            new, history = _anderson(steps, potentials, new, history, go_on, at_target(k), err <= GROWTH * prev)
+        block = driver.Block(error=err, n_run=n_run, final=at_target(k))
+        return (new, omega, history, err, levels), block
+
+
+def warm_start(init, shape) -> tuple | None:
+    """`init` as potentials `(f, g)`: from a previous solution (anything with `f` and
+    `g`) or a pair of arrays, checked against the problem's `shape` `(n, m)`."""
+    if init is None:
+        return None
+    pair = (init.f, init.g) if hasattr(init, "f") and hasattr(init, "g") else init
+    n, m = shape
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise ValueError(
+            "`init` must be a previous solution or a pair of potentials (f, g) of shapes "
+            f"({n},) and ({m},); received {type(init).__name__}."
+        )
+    f, g = (as_float_array(z) for z in pair)
+    if f.shape != (n,) or g.shape != (m,):
+        raise ValueError(
+            f"`init` potentials must have shapes ({n},) and ({m},), one per point of the "
+            f"problem; received {tuple(f.shape)} and {tuple(g.shape)}."
+        )
+    return f, g
 
 
 class _Steps(eqx.Module):
@@ -536,7 +564,7 @@ def _anderson(steps, old, new, history, go_on, at_target, improved, ridge=1e-6):
     return jax.lax.cond(use, mixed, lambda: new), (G_in, G_out, filled)
 
 
-def _next_omega(omega, errors, k, inner, at_target):
+def _next_omega(omega, err, prev, k, inner, at_target):
     r"""Adaptive over-relaxation (Lehmann, von Renesse, Sambale & Uschmajew, 2021;
     Thibault, Chizat, Dossal & Papadakis, 2021).
 
@@ -545,12 +573,11 @@ def _next_omega(omega, errors, k, inner, at_target):
     over-relaxation with $\omega = 2 / (1 + \sqrt{1 - \rho})$ contracts by about
     $\omega - 1$ instead ($\rho = 0.99$: $\omega \approx 1.82$, about 20× fewer
     iterations asymptotically). $\rho$ is measured once, from two consecutive plain
-    blocks at the target epsilon (block `k` and `k - 1`), and capped at 0.99. If the
+    blocks at the target epsilon (block `k`, error `err`, and `k - 1`, error `prev`), and capped at 0.99. If the
     error grows by more than `GROWTH` in a relaxed block, the next block is plain
     (stored as omega = -1, applied as 1) and the rate is measured again after it.
     States: omega > 1 relaxed, 1 measuring, -1 one plain block before measuring.
     """
-    err, prev = errors[k], errors[jnp.maximum(k - 1, 0)]
     measuring = omega == 1.0
     measured = measuring & (k >= 1) & at_target & (prev > 0) & jnp.isfinite(err) & (err < prev)
     rate = jnp.minimum(jnp.where(measured, err / jnp.where(prev > 0, prev, 1.0), 0.0) ** (1.0 / inner), 0.99)
@@ -560,26 +587,12 @@ def _next_omega(omega, errors, k, inner, at_target):
     return jax.lax.stop_gradient(jnp.where(grew, -1.0, new))
 
 
-def _report(it, err, max_iterations):
-    line = f"sinkhorn: iteration {int(it):>6d}/{max_iterations}, marginal error {float(err):.3e}"
-    if sys.stderr.isatty():  # redraw one line on a terminal, one line per check in a log
-        print("\r" + line, end="", file=sys.stderr, flush=True)
-    else:
-        print(line, file=sys.stderr, flush=True)
-
-
 @eqx.filter_jit
-def _solve(solver: Sinkhorn, problem: LinearProblem, throw: bool) -> Solution:
+def _solve(solver: Sinkhorn, problem: LinearProblem, init, throw: bool) -> Solution:
     eps = problem.resolved_epsilon()
     a, b = _checks.traced_checks(problem, eps)
     theta = (problem.geom, a, b, eps.astype(a.dtype), problem.tau_a, problem.tau_b)
-    f, g, (n_iters, errors, error) = solver.adjoint.fixed_point(solver, theta)
-    converged = jnp.isfinite(error) & (error <= solver.threshold)
-    status = jnp.where(
-        converged, Status.CONVERGED, jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED)
-    )
-    if throw:
-        messages = tuple(MESSAGES[s] for s in Status)
-        f = eqx.branched_error_if(f, status != Status.CONVERGED, status, messages)
-    return Solution(problem, f, g, eps, n_iters, error, errors, converged, status)
-
+    f, g, trace = solver.adjoint.fixed_point(solver, theta, init)
+    converged, status = driver.status_of(trace, solver.threshold)
+    f = driver.finish(f, status, throw)
+    return Solution(problem, f, g, eps, trace.n_iters, trace.error, trace.errors, converged, status)
