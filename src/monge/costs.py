@@ -46,6 +46,12 @@ class AbstractCost(eqx.Module):
         $O((n + m) d)$, or None where there is none (then a pass over the cost)."""
         return None
 
+    def apply_all_pairs(self, x, y, v, axis: int) -> Array | None:
+        r"""$C v$ (`axis=1`) or $C^\top v$ (`axis=0`) for $C$ = `all_pairs(x, y)` in
+        $O((n + m) d)$ without forming $C$, or None where there is no such form (then
+        the geometry applies $C$ block by block)."""
+        return None
+
     def h_star_grad(self, w: Float[Array, " d"]) -> Float[Array, " d"]:
         r"""$\nabla h^*(w)$ for a translation-invariant cost $c(x, y) = h(x - y)$ with $h$
         strictly convex; used by entropic maps $T(x) = x - \nabla h^*(\nabla f(x))$."""
@@ -93,6 +99,19 @@ class SqEuclidean(AbstractCost):
         a, b = a / jnp.sum(a), b / jnp.sum(b)
         x, y = x - b @ y, y - b @ y
         return a @ jnp.sum(x**2, axis=1) + b @ jnp.sum(y**2, axis=1) - 2.0 * (a @ x) @ (b @ y)
+
+    def apply_all_pairs(self, x, y, v, axis):
+        r"""$C v = \|x\|^2 (\mathbf 1^\top v) + \mathbf 1 (\|y\|^2)^\top v - 2 x (y^\top
+        v)$ (likewise $C^\top v$), on points centred as in `all_pairs`."""
+        centre = jnp.mean(y, axis=0)
+        x, y = x - centre, y - centre
+        if axis == 0:  # C^T v = (all_pairs(y, x)) v
+            x, y = y, x
+        dot = lambda p, q: jnp.tensordot(p, q, axes=1, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+        sx, sy = jnp.sum(x**2, axis=1), jnp.sum(y**2, axis=1)
+        total = jnp.sum(v, axis=0)
+        ones = jnp.ones((x.shape[0],) + (1,) * (v.ndim - 1), v.dtype)
+        return sx.reshape(ones.shape) * total + ones * dot(sy, v) - 2.0 * dot(x, dot(y.T, v))
 
     def h_star_grad(self, w):
         # h(z) = |z|^2  =>  h*(w) = |w|^2 / 4  =>  grad h*(w) = w / 2.

@@ -89,6 +89,45 @@ class AbstractGeometry(eqx.Module):
         blocking (one block, or chunks) is the geometry's choice.
         """
 
+    # -- what solvers ask of a geometry (defaults built on `scan_blocks`) --------------
+    @property
+    def supports(self) -> tuple[Array, Array] | None:
+        """The points `(x, y)` of the two supports, or `None` for a geometry given by
+        its costs alone (solvers that need points, e.g. initializers and entropic maps,
+        ask this instead of a geometry's type)."""
+        return None
+
+    @property
+    def ground_cost(self) -> AbstractCost | None:
+        """The pointwise cost $c(x, y)$ between the supports, or `None`."""
+        return None
+
+    def with_supports(self, x: Array, y: Array) -> AbstractGeometry:
+        """The same kind of geometry on new points (same cost and memory options)."""
+        raise ValueError(
+            f"A {type(self).__name__} has no points to replace; this needs a point-cloud "
+            "geometry (monge.geometry.PointCloud, or monge.solve(x, y, ...))."
+        )
+
+    def apply_cost(self, v: Array, axis: int) -> Array:
+        r"""$C v$ (`axis=1`, `v` of shape `(m,)` or `(m, k)`) or $C^\top v$ (`axis=0`,
+        `v` of shape `(n,)` or `(n, k)`), one block at a time (never more than a block
+        of $C$ in memory). Geometries with structure override it: a squared-Euclidean
+        point cloud in $O((n + m)d)$, factors $C = A B^\top$ in $O((n + m)r)$."""
+        return self.map_blocks(lambda c: jnp.tensordot(c, v, axes=([axis], [0])), axis)
+
+    def plan(self, f: Array, g: Array, eps, a: Array, b: Array) -> Float[Array, "n m"]:
+        r"""The coupling $P_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}$ of
+        potentials `(f, g)`, materialised (memory $nm$), rows computed block by block.
+        Zero weights and infinite costs give exact zeros."""
+        log_a = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), -jnp.inf)
+        log_b = jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1.0)), -jnp.inf)
+
+        def fn(c, f_i, log_a_i):
+            return jnp.exp(log_a_i[:, None] + log_b[None, :] + (f_i[:, None] + g[None, :] - c) / eps)
+
+        return self.map_blocks(fn, 1, f, log_a)
+
     def map_blocks(self, fn: Callable, axis: int, *args) -> Array:
         """`fn(block, *arg_blocks)` over blocks of whole lines of $C$, concatenated
         (`scan_blocks` without a carry)."""
@@ -318,6 +357,21 @@ class PointCloud(AbstractGeometry):
 
     def cost_matrix(self):
         return self.cost.all_pairs(self.x, self.y)
+
+    @property
+    def supports(self):
+        return self.x, self.y
+
+    @property
+    def ground_cost(self):
+        return self.cost
+
+    def with_supports(self, x, y):
+        return PointCloud(x, y, self.cost, online=self.online, chunk_size=self.chunk_size)
+
+    def apply_cost(self, v, axis):
+        fast = self.cost.apply_all_pairs(self.x, self.y, v, axis)
+        return super().apply_cost(v, axis) if fast is None else fast
 
     def scan_blocks(self, fn, axis, carry, *args):
         if not self.is_online:

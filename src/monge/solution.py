@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from monge.geometry import PointCloud
 from monge.problems import LinearProblem
 
 __all__ = ["Solution", "PlanSolution", "Status"]
@@ -113,12 +112,8 @@ class Solution(eqx.Module):
     @property
     def plan(self) -> Float[Array, "n m"]:
         """The dense coupling $P$, materialised (memory $nm$): prefer `apply`."""
-        log_a, log_b = self._log_ab()
-        C = self.problem.geom.cost_matrix()
-        eps = self.epsilon
-        return jnp.exp(
-            log_a[:, None] + log_b[None, :] + (self.f[:, None] + self.g[None, :] - C) / eps
-        )
+        p = self.problem
+        return p.geom.plan(self.f, self.g, self.epsilon, p.a, p.b)
 
     def apply(self, v: Array, axis: int = 0) -> Array:
         r"""The coupling applied to `v` without materialising it.
@@ -192,22 +187,23 @@ class Solution(eqx.Module):
         Only for point-cloud problems.
         """
         geom = self.problem.geom
-        if not isinstance(geom, PointCloud):
+        if geom.supports is None:
             raise ValueError(
                 "`transport` needs a point-cloud problem (monge.solve(x, y, ...)); this "
                 "solution comes from a cost matrix, which has no points to map."
             )
-        z = jnp.asarray(z, dtype=geom.x.dtype)
-        if z.ndim != 2 or z.shape[1] != geom.x.shape[1]:
+        x, y = geom.supports
+        z = jnp.asarray(z, dtype=x.dtype)
+        if z.ndim != 2 or z.shape[1] != x.shape[1]:
             raise ValueError(
-                f"`transport(z)` needs z of shape (k, {geom.x.shape[1]}) (points of the "
+                f"`transport(z)` needs z of shape (k, {x.shape[1]}) (points of the "
                 f"source space); received shape {tuple(z.shape)}."
             )
-        cost = geom.cost
+        cost = geom.ground_cost
         b, g, eps = self.problem.b, self.g, self.epsilon
 
         def f_eps(zz):
-            new = PointCloud(zz, geom.y, cost, online=geom.online, chunk_size=geom.chunk_size)
+            new = geom.with_supports(zz, y)
             return -eps * new.map_lines(lambda c: jax.nn.logsumexp((g - c) / eps, b=b), 1)
 
         grad_f = jax.grad(lambda zz: jnp.sum(f_eps(zz)))(z)

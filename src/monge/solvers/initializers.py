@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from monge.costs import Euclidean, PNorm, SqEuclidean
-from monge.geometry import PointCloud
 
 __all__ = [
     "NAMES",
@@ -76,7 +75,7 @@ def gaussian_potential(x, y, a, b):
 
 
 def _gaussian(geom, a, b, eps):
-    return gaussian_potential(geom.x, geom.y, a, b)
+    return gaussian_potential(*geom.supports, a, b)
 
 
 def sorting_potential(x, y, a, b, cost):
@@ -125,7 +124,7 @@ def _cumsum0(steps):
 
 
 def _sorting(geom, a, b, eps):
-    return sorting_potential(geom.x, geom.y, a, b, geom.cost)
+    return sorting_potential(*geom.supports, a, b, geom.ground_cost)
 
 
 def subsample_potential(geom, a, b, eps, k=None):
@@ -144,7 +143,7 @@ def subsample_potential(geom, a, b, eps, k=None):
     `n_iters` does not count the small solve's iterations.
 
     Args:
-        geom: a `PointCloud`; a, b: its weights; eps: the epsilon the solve starts at.
+        geom: a geometry with `supports` (a point cloud); a, b: its weights; eps: the epsilon the solve starts at.
         k: points per cloud; default `min(n, m, SUBSAMPLE)`.
 
     Returns:
@@ -155,7 +154,7 @@ def subsample_potential(geom, a, b, eps, k=None):
 
     n, m = geom.shape
     k = min(n, m, SUBSAMPLE) if k is None else k
-    x, y, a, b, eps = jax.lax.stop_gradient((geom.x, geom.y, a, b, eps))
+    x, y, a, b, eps = jax.lax.stop_gradient((*geom.supports, a, b, eps))
 
     def take(z, w):
         index = (np.arange(k) * z.shape[0]) // k  # evenly strided, static
@@ -165,10 +164,9 @@ def subsample_potential(geom, a, b, eps, k=None):
         return z[index], w
 
     (x_sub, a_sub), (y_sub, b_sub) = take(x, a), take(y, b)
-    small = LinearProblem(PointCloud(x_sub, y_sub, geom.cost), a_sub, b_sub, epsilon=eps)
+    small = LinearProblem(geom.with_supports(x_sub, y_sub), a_sub, b_sub, epsilon=eps)
     g_sub = Sinkhorn()(small).g
-    online = PointCloud(x, y_sub, geom.cost, online=geom.online, chunk_size=geom.chunk_size)
-    f = -eps * online.lse(g_sub, eps, 1, w=b_sub)
+    f = -eps * geom.with_supports(x, y_sub).lse(g_sub, eps, 1, w=b_sub)
     f = f + (b_sub @ g_sub - a @ f / jnp.sum(a)) / 2  # centred, as in sorting_potential
     return jnp.where(jnp.all(jnp.isfinite(f)), f, jnp.zeros_like(f))
 
@@ -190,10 +188,16 @@ def resolve(name, geom) -> str:
     `benchmarks/bench_init.py`), else ``"zeros"``. Other names are returned as is."""
     if name != "auto":
         return name
-    cloud = isinstance(geom, PointCloud)
-    if cloud and geom.x.shape[1] == 1 and isinstance(geom.cost, _CONVEX_1D):
+    if _is_1d_convex(geom):
         return "sorting"
     return "zeros"
+
+
+def _is_1d_convex(geom) -> bool:
+    """Points on a line with a convex cost of the difference: the monotone coupling is
+    optimal."""
+    return (geom.supports is not None and geom.supports[0].shape[1] == 1
+            and isinstance(geom.ground_cost, _CONVEX_1D))
 
 
 def check_name(name) -> None:
@@ -206,12 +210,11 @@ def check_name(name) -> None:
 def check_applicable(name, geom) -> None:
     """Raise a ValueError if initializer `name` cannot start a problem on `geom`."""
     name = resolve(name, geom)
-    cloud = isinstance(geom, PointCloud)
-    if name == "sorting" and not (
-        cloud and geom.x.shape[1] == 1 and isinstance(geom.cost, _CONVEX_1D)
-    ):
+    cloud = geom.supports is not None
+    if name == "sorting" and not _is_1d_convex(geom):
         what = (
-            f"a PointCloud in dimension d={geom.x.shape[1]} with cost {type(geom.cost).__name__}"
+            f"a PointCloud in dimension d={geom.supports[0].shape[1]} with cost "
+            f"{type(geom.ground_cost).__name__}"
             if cloud
             else f"a {type(geom).__name__}"
         )
@@ -225,10 +228,8 @@ def check_applicable(name, geom) -> None:
             "`initializer='subsample'` needs a point-cloud problem (it subsamples the "
             f"points); received a {type(geom).__name__}. Use initializer='zeros'."
         )
-    if name == "gaussian" and not (
-        isinstance(geom, PointCloud) and isinstance(geom.cost, SqEuclidean)
-    ):
-        cost = f" with cost {type(geom.cost).__name__}" if isinstance(geom, PointCloud) else ""
+    if name == "gaussian" and not (cloud and isinstance(geom.ground_cost, SqEuclidean)):
+        cost = f" with cost {type(geom.ground_cost).__name__}" if cloud else ""
         raise ValueError(
             "`initializer='gaussian'` needs a point-cloud problem with the squared "
             f"Euclidean cost; received a {type(geom).__name__}{cost}. Use "
