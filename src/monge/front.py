@@ -30,18 +30,20 @@ def _is_zero(epsilon) -> bool:
 
 
 def _dispatch(geom: AbstractGeometry, a, b, epsilon, tau_a, tau_b, mass, threshold,
-              max_iterations, implicit_diff, progress, throw) -> Solution | PlanSolution:
+              max_iterations, implicit_diff, progress, throw, init=None) -> Solution | PlanSolution:
     exact = _is_zero(epsilon)
     if exact or mass is not None:
         online = getattr(geom, "online", None)
         ignored = [name for name, used in (("implicit_diff=False", not implicit_diff),
                                            ("progress=True", progress),
-                                           ("online=True", online is True)) if used]
+                                           ("online=True", online is True),
+                                           ("init=...", init is not None)) if used]
         if ignored:
             kind = "exact OT (epsilon=0)" if mass is None else "partial OT (mass=...)"
             raise ValueError(
                 f"{', '.join(ignored)} has no effect on {kind}, which stores the cost "
-                "matrix, reports no progress and differentiates through its duals; "
+                "matrix, reports no progress, takes no warm start and differentiates "
+                "through its duals; "
                 "remove the option(s), or use epsilon > 0 without `mass`."
             )
     if mass is not None:
@@ -68,7 +70,7 @@ def _dispatch(geom: AbstractGeometry, a, b, epsilon, tau_a, tau_b, mass, thresho
         adjoint=adjoint,
         progress=progress,
     )
-    return solver(problem, throw=throw)
+    return solver(problem, init=init, throw=throw)
 
 
 def _is_one(tau) -> bool:
@@ -93,6 +95,7 @@ def solve(
     implicit_diff: bool = True,
     progress: bool = False,
     throw: bool = False,
+    init=None,
 ) -> Solution | PlanSolution:
     r"""Optimal transport between two point clouds: entropic, exact or partial.
 
@@ -136,6 +139,9 @@ def solve(
         progress: print iterations and error to stderr while solving (entropic OT only;
             True is an error otherwise).
         throw: raise instead of returning a non-converged solution.
+        init: a warm start: a previous solution of a problem of the same shape (e.g.
+            the last iterate of an outer loop) or potentials `(f, g)`; same answer to
+            the threshold, usually in fewer iterations (`Sinkhorn.__call__`).
 
     Returns:
         A `Solution` with `f`, `g`, `plan`, `apply`, `cost`, `reg_cost`, `converged`,
@@ -163,7 +169,7 @@ def solve(
     """
     geom = PointCloud(x, y, cost, online=online)
     return _dispatch(geom, a, b, epsilon, tau_a, tau_b, mass, threshold, max_iterations,
-                     implicit_diff, progress, throw)
+                     implicit_diff, progress, throw, init)
 
 
 def solve_matrix(
@@ -180,10 +186,11 @@ def solve_matrix(
     implicit_diff: bool = True,
     progress: bool = False,
     throw: bool = False,
+    init=None,
 ) -> Solution | PlanSolution:
     r"""Optimal transport (entropic, exact or partial) for a given `(n, m)` cost matrix.
 
-    Same problems, arguments and defaults as `solve` (epsilon defaults to 0.05 times the
+    Same problems, arguments (`init` included) and defaults as `solve` (epsilon defaults to 0.05 times the
     mean of $|C|$ under $a b^\top$; `epsilon=0` is exact OT; `mass=m` partial OT).
 
     Example:
@@ -199,4 +206,4 @@ def solve_matrix(
         (0.5, 0.0)
     """
     return _dispatch(CostMatrix(C), a, b, epsilon, tau_a, tau_b, mass, threshold,
-                     max_iterations, implicit_diff, progress, throw)
+                     max_iterations, implicit_diff, progress, throw, init)

@@ -99,17 +99,20 @@ def _ascend(x, y, a, b, epsilon, U0, step_size, n_steps: int, threshold, max_ite
     r"""Riemannian gradient ascent (RGAS): $U \leftarrow \mathrm{qr}(U + \tau\,
     P_U(2V_\pi U))$ with $\tau$ = `step_size` / $\lambda_{\max}(V_\pi)$."""
 
-    def step(U, _):
+    def step(U, init):
         sol = solve(x @ U, y @ U, a=a, b=b, epsilon=epsilon, threshold=threshold,
-                    max_iterations=max_iterations)
+                    max_iterations=max_iterations, init=init)
         V = second_moment(sol, x, y)
         VU = V @ U
         grad = 2.0 * (VU - U @ (U.T @ VU))  # P_U(2 V U); U^T V U is symmetric
         tau = step_size / jnp.maximum(jnp.linalg.eigvalsh(V)[-1], jnp.finfo(x.dtype).tiny)
         value = jnp.trace(U.T @ VU)
-        return _retract(U, tau * grad), (value, jnp.linalg.norm(grad))
+        return (_retract(U, tau * grad), (sol.f, sol.g)), (value, jnp.linalg.norm(grad))
 
-    U, (values, grad_norms) = jax.lax.scan(step, U0, None, length=n_steps)
+    # each Sinkhorn solve starts from the last one's potentials (the subspace moves little)
+    carry, first = step(U0, None)
+    (U, _), rest = jax.lax.scan(lambda c, _: step(*c), carry, None, length=n_steps - 1)
+    values, grad_norms = (jnp.concatenate([f[None], r]) for f, r in zip(first, rest))
     return U, values, grad_norms
 
 
