@@ -131,15 +131,23 @@ def solve(
     exactly when `epsilon=0`, else with the entropy $\varepsilon\sum P\log P$.
 
     Args:
-        x: source points, `(n, d)`. NumPy or JAX; integers are promoted to float.
+        x: source points, `(n, d)`. NumPy or JAX; integers are promoted to float,
+            float16/bfloat16 to float32 (the precision monge computes in at least).
+            float64 NumPy points that JAX casts to float32 (without
+            `jax.enable_x64`) are first centred in float64 for translation-invariant
+            costs (sqeuclidean, euclidean, cityblock), so far-away data keep their
+            digits; `Solution.transport` still takes and returns the original frame.
         y: target points, `(m, d)`.
         a, b: non-negative weights (uniform if omitted). Balanced problems need
             `sum(a) == sum(b)`.
         cost: ``"sqeuclidean"`` ($\|x-y\|^2$, no ½), ``"euclidean"``, ``"cityblock"``,
             ``"cosine"``, a `monge.costs` object, or a function `c(x, y)` of one pair.
-        epsilon: entropic regularisation; default $0.05 \times$ the mean cost
-            $\sum a_i b_j |C_{ij}|$ (weights normalised), so results do not depend on
-            the units of the data. Smaller is closer to exact OT but needs more
+        epsilon: entropic regularisation; default $0.05 \times$ the typical cost:
+            the mean $\sum a_i b_j |C_{ij}|$ (weights normalised), capped at 4
+            medians of $|C|$ so that a few outlying costs do not set it
+            (`monge.problems.default_epsilon`), so results do not depend on the units
+            of the data. The default carries no gradient (derivatives are at fixed
+            epsilon). Smaller is closer to exact OT but needs more
             iterations. A new value does not recompile. ``0`` (a concrete number)
             selects exact OT: a `PlanSolution` whose gradients are the plan (w.r.t.
             the cost) and the dual potentials (w.r.t. the weights).
@@ -211,7 +219,11 @@ def solve_matrix(
     r"""Optimal transport (entropic, exact or partial) for a given `(n, m)` cost matrix.
 
     Same problems, arguments and defaults as `solve` (epsilon defaults to 0.05 times the
-    mean of $|C|$ under $a b^\top$; `epsilon=0` is exact OT; `mass=m` partial OT).
+    typical $|C|$, `monge.problems.default_epsilon`; `epsilon=0` is exact OT; `mass=m`
+    partial OT). An entry `C[i, j] = inf` forbids the pair: the plan is exactly 0
+    there, in every solver; a row or column of positive weight with no allowed pair is
+    a `ValueError`, other infeasible patterns give `Status.INFEASIBLE` (exact and
+    partial OT) or a non-converged status (Sinkhorn).
 
     Example:
         >>> import numpy as np, monge

@@ -139,8 +139,11 @@ class Exact(eqx.Module):
     the plan when exact), `reg_cost` $= \langle C, P\rangle$, `n_iters` (Sinkhorn
     iterations or auction bidding rounds; -1 for the host methods, which do not report
     it), `error` (the certified duality gap $\langle C, P\rangle - \langle f,
-    a\rangle - \langle g, b\rangle$ divided by $a^\top |C| b / \sum b$, the cost of the independent
-    coupling), `converged` and `status`. The network simplex reports POT's own result:
+    a\rangle - \langle g, b\rangle$, at least its float rounding, divided by $\sum a$
+    times the typical allowed cost, `_unit`), `converged` and `status`. Forbidden
+    pairs ($C_{ij} = +\infty$) get exactly 0 (`big_m`); a problem with no plan
+    avoiding them is `Status.INFEASIBLE`; a host solution whose certificate the dtype
+    cannot resolve is `Status.IMPRECISE`. The network simplex reports POT's own result:
     a pivot budget exhausted is `Status.MAX_ITERATIONS`, never a silent answer; the
     pure-JAX methods are converged exactly when `error <= threshold` (an auction that
     spends its budget, or whose $\varepsilon$ reaches the dtype's floor, first is

@@ -486,7 +486,8 @@ class _Steps(eqx.Module):
         f, _, f_hat = potentials
         eps, tau_a = self.eps, self.tau_a
         residual = self.a * (jnp.exp(-(1 - tau_a) / (tau_a * eps) * f) - jnp.exp((f - f_hat) / eps))
-        err = jnp.sum(jnp.abs(residual))
+        # zero weights: no term (a forbidden-only row has f = f_hat = inf, 0 * NaN)
+        err = jnp.sum(jnp.where(self.a > 0, jnp.abs(residual), 0.0))
         return jnp.where(jnp.isnan(err), jnp.inf, err)
 
 
