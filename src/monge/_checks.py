@@ -36,6 +36,39 @@ def check_points(name: str, z) -> None:
         )
 
 
+def check_costs(name: str, C) -> None:
+    """Costs: finite, or `+inf` for a forbidden pair; never NaN or `-inf`."""
+    Cc = concrete(C)
+    if Cc is None:
+        return
+    bad = int(np.count_nonzero(np.isnan(Cc) | (Cc == -np.inf)))
+    if bad:
+        raise ValueError(
+            f"`{name}` has {bad} NaN or -inf value(s); costs must be finite, or +inf for a "
+            "forbidden pair (never transported). Remove or impute those entries."
+        )
+
+
+def check_allowed(C, a, b) -> None:
+    """Every row of positive weight needs an allowed (finite-cost) column of positive
+    weight, and vice versa; otherwise no coupling exists."""
+    Cc, ac, bc = concrete(C), concrete(a), concrete(b)
+    if Cc is None or ac is None or bc is None or np.all(np.isfinite(Cc)):
+        return
+    allowed = np.isfinite(Cc)
+    rows_ok = np.any(allowed & (bc[None, :] > 0), axis=1)
+    cols_ok = np.any(allowed & (ac[:, None] > 0), axis=0)
+    for w, ok, name in ((ac, rows_ok, "row"), (bc, cols_ok, "column")):
+        stuck = np.flatnonzero((w > 0) & ~ok)
+        if stuck.size:
+            raise ValueError(
+                f"Infeasible problem: {name} {int(stuck[0])} of the cost matrix `C` has "
+                f"positive weight but every pair with positive weight on the other side "
+                f"is forbidden (C = inf); {stuck.size} such {name}(s). Allow at least one "
+                f"pair (a finite cost) for each, or give those {name}s zero weight."
+            )
+
+
 def check_weights(name: str, w, length: int, points: str) -> None:
     """Weights: one per point, finite, non-negative, positive total."""
     if w.ndim != 1 or w.shape[0] != length:

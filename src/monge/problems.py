@@ -13,6 +13,7 @@ marginal constraint (balanced OT); smaller $\tau$ lets mass be created or destro
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -21,7 +22,7 @@ from monge.geometry import AbstractGeometry, CostMatrix, PointCloud, as_float_ar
 
 __all__ = ["LinearProblem", "DEFAULT_RELATIVE_EPSILON", "default_epsilon"]
 
-#: Default epsilon, relative to the mean absolute cost under the independent coupling.
+#: Default epsilon, relative to the typical cost (`AbstractGeometry.cost_scale`).
 DEFAULT_RELATIVE_EPSILON = 0.05
 
 
@@ -37,19 +38,33 @@ class LinearProblem(eqx.Module):
         a: source weights, shape `(n,)`, non-negative; uniform $1/n$ if omitted.
         b: target weights, shape `(m,)`; uniform $1/m$ if omitted.
         epsilon: entropic regularisation $\varepsilon > 0$. If omitted,
-            $\varepsilon = 0.05\,\bar c$ with $\bar c = \sum_{ij} a_i b_j |C_{ij}| /
-            (\sum a \sum b)$, the mean cost under the independent coupling: the plan is
-            then invariant to rescaling the cost (units of the data), and 5% of the
+            $\varepsilon = 0.05\,s$ (`default_epsilon`) with $s$ the typical cost
+            (`AbstractGeometry.cost_scale`): the mean $\bar c = \sum_{ij} a_i b_j
+            |C_{ij}| / (\sum a \sum b)$ under the independent coupling, unless a few
+            outlying costs make it exceed 4 medians of $|C|$ (then 4 medians). The plan
+            is then invariant to rescaling the cost (units of the data), and 5% of the
             typical cost blurs the coupling over a few neighbours without losing its
-            structure. Traced: a new value does not recompile.
+            structure. The default is a constant of the problem, not a parameter: its
+            gradient is stopped (as in OTT-JAX), so derivatives are those at fixed
+            $\varepsilon$, e.g. $\nabla_x \text{reg\_cost} = 2(\mathrm{diag}(P\mathbf 1)
+            x - P y)$ for the squared Euclidean cost (pass `epsilon` explicitly, as a
+            traced value, to differentiate through it). Traced: a new value does not
+            recompile.
         tau_a, tau_b: unbalancedness in $(0, 1]$, $\tau = \rho/(\rho + \varepsilon)$;
             1 (default) is balanced. Traced.
+
+    Forbidden pairs: a cost $C_{ij} = +\infty$ (in a `CostMatrix`) means "never
+    transport from $i$ to $j$": the plan is exactly 0 there, and `cost` and gradients
+    stay finite. Every row of positive weight needs an allowed column of positive
+    weight and vice versa (checked here when concrete); other infeasible patterns are
+    reported by the solver's status.
 
     Raises:
         ValueError: weights of the wrong length, negative, NaN or with zero total;
             unequal masses when balanced; epsilon $\le 0$; tau outside $(0, 1]$;
-            non-finite points or costs (value checks need concrete arrays; under
-            `jit` the solver checks them instead).
+            non-finite points, NaN or $-\infty$ costs, a row or column of positive
+            weight whose pairs are all forbidden (value checks need concrete arrays;
+            under `jit` the solver checks them instead).
     """
 
     geom: AbstractGeometry
@@ -97,11 +112,15 @@ class LinearProblem(eqx.Module):
 
 
 def default_epsilon(geom: AbstractGeometry, a: Array, b: Array) -> Float[Array, ""]:
-    r"""$0.05\,\bar c$, $\bar c = \sum_{ij} a_i b_j |C_{ij}| / (\sum a \sum b)$
-    (`AbstractGeometry.mean_abs_cost`: one pass over the cost, or a closed form)."""
-    scale = geom.mean_abs_cost(a, b)
+    r"""$0.05\,s$ with $s$ = `geom.cost_scale(a, b)`: the mean $|C|$ under $a b^\top$
+    (one pass over the cost, or a closed form), capped at 4 medians of $|C|$ so that a
+    few huge or forbidden costs do not set it. The one default of every entropic
+    solver (`Sinkhorn`, its annealing start, `PartialSinkhorn`). Its gradient is
+    stopped: derivatives are taken at fixed epsilon."""
+    scale = jax.lax.stop_gradient(geom.cost_scale(a, b))
     # All-zero costs: every coupling is optimal; any positive epsilon will do.
-    return jnp.where(scale > 0, DEFAULT_RELATIVE_EPSILON * scale, 1.0)
+    ok = (scale > 0) & jnp.isfinite(scale)
+    return jnp.where(ok, DEFAULT_RELATIVE_EPSILON * jnp.where(ok, scale, 1.0), 1.0)
 
 
 def checked_marginals(geom: AbstractGeometry, a, b) -> tuple[Array, Array]:
@@ -112,9 +131,11 @@ def checked_marginals(geom: AbstractGeometry, a, b) -> tuple[Array, Array]:
         _checks.check_points("x", geom.x)
         _checks.check_points("y", geom.y)
     elif isinstance(geom, CostMatrix):
-        _checks.check_points("C", geom.C)
+        _checks.check_costs("C", geom.C)
     a = jnp.full((n,), 1.0 / n, geom.dtype) if a is None else as_float_array(a)
     b = jnp.full((m,), 1.0 / m, geom.dtype) if b is None else as_float_array(b)
     _checks.check_weights("a", a, n, "the source (rows)")
     _checks.check_weights("b", b, m, "the target (columns)")
+    if isinstance(geom, CostMatrix):
+        _checks.check_allowed(geom.C, a, b)
     return a, b

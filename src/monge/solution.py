@@ -26,6 +26,8 @@ class Status(enum.IntEnum):
     CONVERGED = 0
     MAX_ITERATIONS = 1
     DIVERGED = 2
+    INFEASIBLE = 5
+    IMPRECISE = 6
 
 
 MESSAGES = {
@@ -38,6 +40,16 @@ MESSAGES = {
     Status.DIVERGED: (
         "diverged: non-finite values (NaN or inf) appeared; check the inputs for NaN/inf, "
         "or increase epsilon"
+    ),
+    Status.INFEASIBLE: (
+        "infeasible: no coupling with the given marginals avoids the forbidden pairs "
+        "(C = inf); allow more pairs or change the weights"
+    ),
+    Status.IMPRECISE: (
+        "imprecise: the floating-point precision cannot resolve an error below the "
+        "threshold (potentials or costs too large relative to epsilon, or costs spanning "
+        "more orders of magnitude than the dtype holds); increase epsilon, use float64, "
+        "remove outlying costs (C = inf forbids a pair), or relax the threshold"
     ),
 }
 
@@ -150,7 +162,7 @@ class Solution(eqx.Module):
             s = (h - c) / eps
             top = jax.lax.stop_gradient(jnp.max(s))
             top = jnp.where(jnp.isfinite(top), top, 0.0)
-            return top, jnp.exp(s - top) @ c
+            return top, jnp.exp(s - top) @ jnp.where(jnp.isfinite(c), c, 0.0)  # forbidden: 0
 
         top, w = self.problem.geom.map_lines(line, 1)
         return jnp.sum(jnp.exp(log_a + self.f / eps + top) * w)
@@ -193,6 +205,10 @@ class Solution(eqx.Module):
                 "solution comes from a cost matrix, which has no points to map."
             )
         x, y = geom.supports
+        origin = geom.frame_origin
+        if origin is not None:  # the geometry holds centred points: z - o, exactly in NumPy
+            o = np.asarray(origin)
+            z = np.asarray(z, np.float64) - o if not isinstance(z, jax.Array) else z - origin
         z = jnp.asarray(z, dtype=x.dtype)
         if z.ndim != 2 or z.shape[1] != x.shape[1]:
             raise ValueError(
@@ -207,7 +223,8 @@ class Solution(eqx.Module):
             return -eps * new.map_lines(lambda c: jax.nn.logsumexp((g - c) / eps, b=b), 1)
 
         grad_f = jax.grad(lambda zz: jnp.sum(f_eps(zz)))(z)
-        return z - jax.vmap(cost.h_star_grad)(grad_f)
+        out = z - jax.vmap(cost.h_star_grad)(grad_f)
+        return out if origin is None else out + origin
 
 
 def phi_star(f: Array, tau: Array, eps: Array) -> Array:
@@ -252,7 +269,8 @@ class PlanSolution(eqx.Module):
     @property
     def cost(self) -> Float[Array, ""]:
         r"""$\langle C, P\rangle$."""
-        return jnp.sum(self.plan * self.problem.geom.cost_matrix())
+        C = self.problem.geom.cost_matrix()
+        return jnp.sum(jnp.where(self.plan > 0, self.plan * C, 0.0))  # forbidden: 0 * inf
 
     def apply(self, v: Array, axis: int = 0) -> Array:
         r"""`axis=0`: $P^\top v$; `axis=1`: $P v$ (as `Solution.apply`)."""

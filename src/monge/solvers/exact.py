@@ -64,7 +64,7 @@ import numpy as np
 from jaxtyping import Array
 
 from monge import _checks
-from monge.geometry import as_float_array
+from monge.geometry import CostMatrix, as_float_array
 from monge.problems import LinearProblem
 from monge.solution import MESSAGES, PlanSolution, Status, safe_log
 from monge.solvers.auction import auction
@@ -139,8 +139,11 @@ class Exact(eqx.Module):
     the plan when exact), `reg_cost` $= \langle C, P\rangle$, `n_iters` (Sinkhorn
     iterations or auction bidding rounds; -1 for the host methods, which do not report
     it), `error` (the certified duality gap $\langle C, P\rangle - \langle f,
-    a\rangle - \langle g, b\rangle$ divided by $a^\top |C| b / \sum b$, the cost of the independent
-    coupling), `converged` and `status`. The network simplex reports POT's own result:
+    a\rangle - \langle g, b\rangle$, at least its float rounding, divided by $\sum a$
+    times the typical allowed cost, `_unit`), `converged` and `status`. Forbidden
+    pairs ($C_{ij} = +\infty$) get exactly 0 (`big_m`); a problem with no plan
+    avoiding them is `Status.INFEASIBLE`; a host solution whose certificate the dtype
+    cannot resolve is `Status.IMPRECISE`. The network simplex reports POT's own result:
     a pivot budget exhausted is `Status.MAX_ITERATIONS`, never a silent answer; the
     pure-JAX methods are converged exactly when `error <= threshold` (an auction that
     spends its budget, or whose $\varepsilon$ reaches the dtype's floor, first is
@@ -312,8 +315,9 @@ def solve_arrays(solver: Exact, C, a, b):
     C, a, b = C.astype(dtype), a.astype(dtype), b.astype(dtype)
     C = eqx.error_if(
         C,
-        ~jnp.all(jnp.isfinite(C)),
-        "The cost matrix has non-finite values (NaN or inf); remove or impute them.",
+        jnp.any(jnp.isnan(C) | (C == -jnp.inf)),
+        "The cost matrix has NaN or -inf values; costs must be finite, or +inf for a "
+        "forbidden pair.",
     )
     if solver.method in _SQUARE:
         spread = lambda w: jnp.max(w) - jnp.min(w) > 1e-6 * jnp.max(jnp.abs(w))  # noqa: E731
@@ -330,33 +334,80 @@ def solve_arrays(solver: Exact, C, a, b):
 # -- forward ---------------------------------------------------------------------------
 def _forward(solver: Exact, C, a, b):
     b = b * (jnp.sum(a) / jnp.sum(b))
+    forbidden = ~jnp.isfinite(C)
+    unit = _unit(C, a, b)  # from the allowed costs
+    C = big_m(C)  # forbidden pairs: a finite cost no optimal plan pays when feasible
     if solver.method in _HOST:
         plan, f, g, status = _host_call(solver, C, a, b)
         n_iters = jnp.asarray(-1)
     elif solver.method == "auction":
-        plan, f, g, n_iters = _auction(solver, C, a)
+        plan, f, g, n_iters = _auction(solver, C, a, unit)
         status = None
     else:
-        plan, f, g, n_iters = _sinkhorn_rounding(solver, C, a, b)
+        plan, f, g, n_iters = _sinkhorn_rounding(solver, C, a, b, unit / jnp.sum(a))
         status = None
     f, g = _feasible_duals(C, f, g, a, b)
     f, g = fix_gauge(f, g, a, b)
     cost = jnp.sum(plan * C)
-    error = (cost - f @ a - g @ b) / _unit(C, a, b)
-    error = jnp.where(jnp.isnan(error), jnp.inf, jnp.maximum(error, 0.0))
+    dual = f @ a + g @ b
+    # what the dtype resolves: each of the three sums is rounded at about u times the
+    # sum of the magnitudes of its terms, so a smaller gap is rounding noise
+    u = jnp.finfo(C.dtype).eps
+    noise = 4 * u * (jnp.abs(f) @ a + jnp.abs(g) @ b + jnp.sum(plan * jnp.abs(C)))
+    error = jnp.maximum(cost - dual, noise) / unit
+    error = jnp.where(jnp.isnan(error), jnp.inf, error)
+    tolerance = solver.tolerance(C.dtype)
+    leaked = jnp.sum(jnp.where(forbidden, plan, 0.0))
+    infeasible = leaked > (0.0 if solver.method in _HOST else tolerance * jnp.sum(a))
     if status is None:
         status = jnp.where(
-            error <= solver.tolerance(C.dtype),
+            error <= tolerance,
             Status.CONVERGED,
             jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED),
         )
+    else:  # the host's own verdict, unless the dtype cannot certify it
+        imprecise = (status == Status.CONVERGED) & (noise / unit > tolerance)
+        status = jnp.where(imprecise, Status.IMPRECISE, status)
+    status = jnp.where(infeasible, Status.INFEASIBLE, status)
+    # forbidden pairs carry exactly nothing (a converged approximate plan leaks at most
+    # error * unit / M there; an infeasible one keeps its leak, reported by the status)
+    plan = jnp.where(forbidden & ~infeasible, 0.0, plan)
+    cost = jnp.sum(jnp.where(forbidden, 0.0, plan * C)) + jnp.where(infeasible, jnp.inf, 0.0)
     return plan, f, g, cost, (n_iters, error, jnp.asarray(status, jnp.int32))
 
 
 def _unit(C, a, b):
-    """$a^\\top |C| b / \\sum b$: the cost of the independent coupling (1 if it is 0)."""
-    unit = a @ (jnp.abs(C) @ b) / jnp.sum(b)
-    return jnp.where(unit > 0, unit, 1.0)
+    r"""The scale of the certificate: $\sum a$ times the typical allowed cost
+    (`AbstractGeometry.cost_scale`: the mean $|C|$ under $a b^\top$, capped at 4
+    medians; forbidden pairs left out), 1 if that is 0.
+
+    Relative to the mean alone, a few huge costs made any gap look small: with
+    $C = [[0, 1, B], [1, 0, B], [B, B, 0]]$ and $B = 10^{8}$, Sinkhorn rounding's plan
+    of cost 7308 (optimum 0) was certified with a relative gap of $1.6\cdot 10^{-4}$."""
+    scale = jax.lax.stop_gradient(CostMatrix(C).cost_scale(a, b)) * jnp.sum(a)
+    return jnp.where(scale > 0, scale, 1.0)
+
+
+def big_m(C):
+    r"""`C` with its forbidden pairs (`+inf`) replaced by
+    $M = c_{\max} + 2(n + m)\,w$, $w = \max(c_{\max} - c_{\min}, |c_{\max}|, |c_{\min}|)$
+    over the allowed costs (1 if all are 0).
+
+    If a plan avoiding the forbidden pairs exists, every optimal plan of the problem
+    with cost $M$ avoids them: optimal duals of the allowed problem can be chosen with
+    $f_i + g_j \le c_{\max} + \min(n, m)(c_{\max} - c_{\min}) < M$ for every pair
+    (alternating sums of costs along a spanning tree, one free constant per connected
+    component), so they stay feasible with the same value (big-M, LP duality). If none
+    exists, every plan pays $M$ somewhere, which the solvers report as
+    `Status.INFEASIBLE`."""
+    finite = jnp.isfinite(C)
+    hi = jnp.max(jnp.where(finite, C, -jnp.inf))
+    lo = jnp.min(jnp.where(finite, C, jnp.inf))
+    hi, lo = jnp.where(jnp.isfinite(hi), hi, 0.0), jnp.where(jnp.isfinite(lo), lo, 0.0)
+    width = jnp.maximum(jnp.maximum(hi - lo, jnp.abs(hi)), jnp.abs(lo))
+    width = jnp.where(width > 0, width, 1.0)
+    M = jax.lax.stop_gradient(hi + 2 * sum(C.shape) * width)
+    return jnp.where(finite, C, M)
 
 
 def fix_gauge(f, g, a, b):
@@ -370,14 +421,27 @@ def _feasible_duals(C, f, g, a, b):
     $(f^{c\bar c}, f^{c})$ and $(g^{\bar c}, g^{\bar c c})$, where $f^c_j = \min_i C_{ij}
     - f_i$ over rows of positive weight and $g^{\bar c}_i = \min_j C_{ij} - g_j$.
     Both satisfy $f_i + g_j \le C_{ij}$ for all $i, j$ and do not decrease the dual
-    value of optimal potentials."""
+    value of optimal potentials. A third candidate, the same transforms of $f = 0$,
+    wins where the solver's potentials carry large offsets that the dtype cannot
+    resolve (the auction's prices on costs spanning many orders of magnitude)."""
     big = jnp.asarray(jnp.finfo(C.dtype).max, C.dtype)
-    g1 = jnp.min(jnp.where(a[:, None] > 0, C - f[:, None], big), axis=0)
-    f1 = jnp.min(C - g1[None, :], axis=1)
+
+    def from_f(f):
+        g1 = jnp.min(jnp.where(a[:, None] > 0, C - f[:, None], big), axis=0)
+        return jnp.min(C - g1[None, :], axis=1), g1
+
+    f1, g1 = from_f(f)
     f2 = jnp.min(jnp.where(b[None, :] > 0, C - g[None, :], big), axis=1)
     g2 = jnp.min(C - f2[:, None], axis=0)
-    first = f1 @ a + g1 @ b >= f2 @ a + g2 @ b
-    return jnp.where(first, f1, f2), jnp.where(first, g1, g2)
+    f3, g3 = from_f(jnp.zeros_like(f))
+    # by dual value less its rounding error (a sum of large terms can round upwards)
+    u = 4 * jnp.finfo(C.dtype).eps
+    values = jnp.stack([
+        f @ a + g @ b - u * (jnp.abs(f) @ a + jnp.abs(g) @ b)
+        for f, g in ((f1, g1), (f2, g2), (f3, g3))
+    ])
+    best = jnp.argmax(jnp.where(jnp.isnan(values), -jnp.inf, values))
+    return jnp.stack([f1, f2, f3])[best], jnp.stack([g1, g2, g3])[best]
 
 
 def _host_call(solver: Exact, C, a, b):
@@ -483,10 +547,15 @@ def assignment_duals(C: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 # -- pure JAX: the auction for assignments ------------------------------------------------
-def _auction(solver: Exact, C, a):
-    r"""Plan $(\sum a / n)$ times the auction's permutation, its potentials and rounds."""
+def _auction(solver: Exact, C, a, unit):
+    r"""Plan $(\sum a / n)$ times the auction's permutation, its potentials and rounds.
+
+    The auction's own gap is relative to the mean $|C|$; its threshold is rescaled so
+    that it stops on the certificate of `Exact` (relative to `unit`, never larger)."""
     n = C.shape[0]
-    out = auction(C, solver.tolerance(C.dtype), solver.iterations)
+    mean = jnp.sum(jnp.abs(C)) / n * jnp.sum(a) / n
+    ratio = jax.lax.stop_gradient(unit / jnp.where(mean > 0, mean, 1.0))
+    out = auction(C, solver.tolerance(C.dtype) * jnp.minimum(ratio, 1.0), solver.iterations)
     plan = jnp.zeros_like(C).at[jnp.arange(n), out.cols].set(jnp.sum(a) / n)
     return plan, out.f, out.g, out.n_iters
 
@@ -506,10 +575,9 @@ def round_to_polytope(P, a, b):
     return P + e_r[:, None] * e_c[None, :] / jnp.where(total > 0, total, 1.0)
 
 
-def _sinkhorn_rounding(solver: Exact, C, a, b):
-    """Plan (rounded), soft potentials and the number of iterations."""
-    unit = a @ (jnp.abs(C) @ b) / (jnp.sum(a) * jnp.sum(b))
-    unit = jnp.where(unit > 0, unit, 1.0)
+def _sinkhorn_rounding(solver: Exact, C, a, b, unit):
+    """Plan (rounded), soft potentials and the number of iterations; `unit` is the
+    typical cost (`_unit` per unit mass), the scale of the epsilon schedule."""
     eps_final = (solver.epsilon * unit).astype(C.dtype)
     decay = solver.epsilon_decay.astype(C.dtype)
     log_a, log_b = safe_log(a), safe_log(b)

@@ -37,7 +37,7 @@ from jaxtyping import Array, Float
 
 from monge import _checks
 from monge.geometry import AbstractGeometry, as_float_array
-from monge.problems import DEFAULT_RELATIVE_EPSILON, checked_marginals
+from monge.problems import checked_marginals, default_epsilon
 from monge.solution import MESSAGES, PlanSolution, Status
 from monge.solvers.exact import Exact, solve_arrays
 
@@ -53,12 +53,15 @@ class PartialProblem(eqx.Module):
             differ.
         mass: the mass $m$ to transport, $0 < m \le \min(\sum a, \sum b)$. Traced.
         epsilon: entropic regularisation for `PartialSinkhorn` (unused by
-            `PartialExact`); default $0.05\,\bar c$ with $\bar c$ the mean $|C|$ under
-            $a b^\top / (\sum a \sum b)$, as for `LinearProblem`. Traced.
+            `PartialExact`); default `monge.problems.default_epsilon`, as for
+            `LinearProblem` ($0.05$ times the typical cost, gradient stopped). Traced.
+
+    Forbidden pairs: $C_{ij} = +\infty$ (a `CostMatrix`) is never transported, by
+    both solvers (the plan is exactly 0 there).
 
     Raises:
         ValueError: weights of the wrong length, negative, NaN or with zero total;
-            `mass` outside $(0, \min(\sum a, \sum b)]$; epsilon $< 0$; non-finite costs.
+            `mass` outside $(0, \min(\sum a, \sum b)]$; epsilon $< 0$; NaN or $-\infty$ costs.
     """
 
     geom: AbstractGeometry
@@ -99,9 +102,7 @@ class PartialProblem(eqx.Module):
         """The epsilon used by `PartialSinkhorn`: the given one, or the default."""
         if self.epsilon is not None:
             return self.epsilon
-        C = self.geom.cost_matrix()
-        scale = self.a @ (jnp.abs(C) @ self.b) / (jnp.sum(self.a) * jnp.sum(self.b))
-        return jnp.where(scale > 0, DEFAULT_RELATIVE_EPSILON * scale, 1.0)
+        return default_epsilon(self.geom, self.a, self.b)
 
 
 def _check_problem(solver_name: str, problem) -> None:
@@ -180,7 +181,7 @@ def _solve_exact(solver: PartialExact, problem: PartialProblem, throw: bool) -> 
     C = problem.geom.cost_matrix()
     a, b, mass = _traced_checks(problem)
     n, m = C.shape
-    top = jax.lax.stop_gradient(jnp.max(jnp.abs(C)))
+    top = jax.lax.stop_gradient(jnp.max(jnp.where(jnp.isfinite(C), jnp.abs(C), 0.0)))
     dummy = jnp.where(top > 0, 2 * top, 1.0)  # > -min C: dummy-to-dummy never pays
     C_ext = jnp.pad(C, ((0, 1), (0, 1))).at[n, m].set(dummy)
     a_ext = jnp.concatenate([a, (jnp.sum(b) - mass)[None]]).astype(C.dtype)
@@ -259,7 +260,7 @@ def _solve_entropic(solver: PartialSinkhorn, problem: PartialProblem, throw: boo
     log_plan = _log_plan(f, g, c, *theta[:3], eps=theta[4])
     plan = jnp.exp(log_plan)
     entropy = jnp.sum(jnp.where(plan > 0, plan * log_plan, 0.0))
-    primal = jnp.sum(plan * theta[0]) + theta[4] * entropy
+    primal = jnp.sum(jnp.where(plan > 0, plan * theta[0], 0.0)) + theta[4] * entropy
 
     def dual(C, a, b, mass, eps):  # + eps * mass: equals the primal at the optimum
         total = jnp.sum(jnp.exp(_log_plan(f, g, c, C, a, b, eps)))
