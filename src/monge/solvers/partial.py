@@ -32,6 +32,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float
 
@@ -249,25 +250,110 @@ def _solve_entropic(solver: PartialSinkhorn, problem: PartialProblem, throw: boo
     a, b, mass = _traced_checks(problem)
     eps = problem.resolved_epsilon().astype(C.dtype)
     eps = eqx.error_if(eps, ~(eps > 0) | ~jnp.isfinite(eps), "`epsilon` must be positive.")
-    theta = jax.lax.stop_gradient((C, a, b, mass, eps))
-    (f, g, c), n_iters, error = _ascent(solver, *theta)
+    theta = (C, a, b, mass, eps)
+    f, g, c, n_iters, error = _dual_optimum(theta, solver)
     status = jnp.where(
         error <= solver.threshold,
         Status.CONVERGED,
         jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED),
     ).astype(jnp.int32)
-    log_plan = _log_plan(f, g, c, *theta[:3], eps=theta[4])
-    plan = jnp.exp(log_plan)
-    entropy = jnp.sum(jnp.where(plan > 0, plan * log_plan, 0.0))
-    primal = jnp.sum(plan * theta[0]) + theta[4] * entropy
+    # the plan (and so `cost`, `f`, `g`) carries the implicit gradient of (f, g, c);
+    # `reg_cost` that of the envelope theorem (its partial derivatives at fixed f, g, c)
+    plan = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
+    fs, gs, cs = jax.lax.stop_gradient((f, g, c))
+    log_plan = _log_plan(fs, gs, cs, *jax.lax.stop_gradient((C, a, b, eps)))
+    plan_s = jnp.exp(log_plan)
+    entropy = jnp.sum(jnp.where(plan_s > 0, plan_s * log_plan, 0.0))
+    primal = jnp.sum(plan_s * jax.lax.stop_gradient(C)) + jax.lax.stop_gradient(eps) * entropy
 
     def dual(C, a, b, mass, eps):  # + eps * mass: equals the primal at the optimum
-        total = jnp.sum(jnp.exp(_log_plan(f, g, c, C, a, b, eps)))
-        return f @ a + g @ b + c * mass - eps * total + eps * mass
+        total = jnp.sum(jnp.exp(_log_plan(fs, gs, cs, C, a, b, eps)))
+        return fs @ a + gs @ b + cs * mass - eps * total + eps * mass
 
     value = dual(C, a, b, mass, eps)
     reg_cost = primal + value - jax.lax.stop_gradient(value)
     return _finish(problem, plan, f + c / 2, g + c / 2, reg_cost, n_iters, error, status, throw)
+
+
+# -- gradients: implicit differentiation of the dual optimality conditions ----------------
+@eqx.filter_custom_vjp
+def _dual_optimum(theta, solver):
+    """`(f, g, c, n_iters, error)`: the dual optimum of the entropic partial problem,
+    `theta = (C, a, b, mass, eps)`. Its VJP is `_dual_optimum_bwd`."""
+    (f, g, c), n_iters, error = _ascent(solver, *theta)
+    return f, g, c, n_iters, error
+
+
+@_dual_optimum.def_fwd
+def _dual_optimum_fwd(perturbed, theta, solver):
+    out = _dual_optimum(theta, solver)
+    return out, out[:3]
+
+
+@_dual_optimum.def_bwd
+def _dual_optimum_bwd(residuals, grad_obj, perturbed, theta, solver):
+    r"""Implicit differentiation of the optimality conditions (Blondel et al., 2022).
+
+    The dual $D(f, g, c) = \langle f, a\rangle + \langle g, b\rangle + c m -
+    \varepsilon \sum_{ij} P_{ij} + \varepsilon m$ is maximised over $f \le 0$,
+    $g \le 0$, $c$ free. At the optimum, with the active sets $I = \{i : f_i < 0\}$,
+    $J = \{j : g_j < 0\}$ (rows and columns whose capacity is used up; generically
+    strictly complementary, so locally constant), $F(z; \theta) = (a_I - (P\mathbf
+    1)_I,\ b_J - (P^\top \mathbf 1)_J,\ m - \sum P) = 0$ for $z = (f_I, g_J, c)$,
+    and $f_i = 0$ ($g_j = 0$) off the active sets. $-\partial_z F = H / \varepsilon$,
+
+    $$H = \begin{pmatrix} \mathrm{diag}(r_I) & P_{IJ} & r_I \\ P_{IJ}^\top &
+    \mathrm{diag}(c_J) & c_J \\ r_I^\top & c_J^\top & \sum P\end{pmatrix},$$
+
+    the Hessian of $\sum P$ restricted to $z$: positive definite as long as one row
+    and one column are inactive (always when $m < \min(\sum a, \sum b)$ and the plan
+    is positive). For a cotangent $\bar z$, solve $H u = \varepsilon \bar z$ (conjugate
+    gradients on the Jacobi-scaled $D^{-1/2} H D^{-1/2}$, $D = \mathrm{diag}(H)$, unit
+    diagonal) and return $\bar\theta = (\partial_\theta F)^\top u$.
+    """
+    f, g, c = residuals
+    C, a, b, mass, eps = theta
+    zero = lambda z, ref: jnp.zeros_like(ref) if z is None else z  # noqa: E731
+    f_bar, g_bar, c_bar = zero(grad_obj[0], f), zero(grad_obj[1], g), zero(grad_obj[2], c)
+    act_f = ((f < 0) & (a > 0)).astype(f.dtype)
+    act_g = ((g < 0) & (b > 0)).astype(g.dtype)
+    P = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
+    r, col, tot = jnp.sum(P, axis=1), jnp.sum(P, axis=0), jnp.sum(P)
+    # Jacobi scaling on the active set; identity on the frozen (inactive) entries
+    sr = jnp.where(act_f > 0, jax.lax.rsqrt(jnp.where(act_f > 0, r, 1.0)), 1.0)
+    sc = jnp.where(act_g > 0, jax.lax.rsqrt(jnp.where(act_g > 0, col, 1.0)), 1.0)
+    st = jax.lax.rsqrt(jnp.where(tot > 0, tot, 1.0))
+    Ps = P * (act_f * sr)[:, None] * (act_g * sc)[None, :]
+    rs, cs = act_f * r * sr * st, act_g * col * sc * st
+
+    def matvec(w):
+        wf, wg, wc = w
+        return (
+            wf + Ps @ wg + rs * wc,
+            wg + Ps.T @ wf + cs * wc,
+            rs @ wf + cs @ wg + wc,
+        )
+
+    rhs = (eps * act_f * sr * f_bar, eps * act_g * sc * g_bar, eps * st * c_bar)
+    structure = jax.eval_shape(lambda: rhs)
+    operator = lx.FunctionLinearOperator(matvec, structure, tags=lx.positive_semidefinite_tag)
+    rtol = 1e-12 if P.dtype == jnp.float64 else 1e-6
+    cg = lx.CG(rtol=rtol, atol=rtol * 1e-3, max_steps=4 * sum(P.shape) + 100)
+    w = lx.linear_solve(operator, rhs, cg, throw=False).value
+    u = (act_f * sr * w[0], act_g * sc * w[1], st * w[2])
+
+    def optimality(theta):
+        C, a, b, mass, eps = theta
+        P = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
+        return (
+            act_f * (a - jnp.sum(P, axis=1)),
+            act_g * (b - jnp.sum(P, axis=0)),
+            mass - jnp.sum(P),
+        )
+
+    _, vjp = jax.vjp(optimality, theta)
+    (theta_bar,) = vjp(u)
+    return theta_bar
 
 
 def _log_plan(f, g, c, C, a, b, eps):
