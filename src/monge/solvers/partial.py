@@ -276,6 +276,14 @@ def _solve_entropic(solver: PartialSinkhorn, problem: PartialProblem, throw: boo
 
 
 # -- gradients: implicit differentiation of the dual optimality conditions ----------------
+_NOT_UNIQUE = (
+    "The potentials f, g of entropic partial OT are not differentiable when `mass` equals "
+    "min(sum(a), sum(b)): the mass multiplier and the potentials of the side whose mass "
+    "is transported in full are then defined only up to a shift. Differentiate `plan`, "
+    "`cost` or `reg_cost` (which are unique), or use a mass below min(sum(a), sum(b))."
+)
+
+
 @eqx.filter_custom_vjp
 def _dual_optimum(theta, solver):
     """`(f, g, c, n_iters, error)`: the dual optimum of the entropic partial problem,
@@ -334,6 +342,15 @@ def _dual_optimum_bwd(residuals, grad_obj, perturbed, theta, solver):
             rs @ wf + cs @ wg + wc,
         )
 
+    # mass = min(sum a, sum b): every row (or column) of positive weight is active and
+    # H is singular along (-1 on those rows, 0, 1): c and the full side's potentials are
+    # defined up to a shift. Cotangents through the plan are orthogonal to it; one that
+    # is not comes from differentiating the potentials themselves, which are not unique.
+    tol = 100 * jnp.finfo(f.dtype).eps
+    full = lambda act, w: jnp.all((act > 0) | ~(w > 0))  # noqa: E731
+    along = lambda act, z: jnp.abs(c_bar - act @ z) > tol * (jnp.abs(c_bar) + act @ jnp.abs(z))  # noqa: E731
+    not_unique = (full(act_f, a) & along(act_f, f_bar)) | (full(act_g, b) & along(act_g, g_bar))
+    c_bar = eqx.error_if(c_bar, not_unique, _NOT_UNIQUE)
     rhs = (eps * act_f * sr * f_bar, eps * act_g * sc * g_bar, eps * st * c_bar)
     structure = jax.eval_shape(lambda: rhs)
     operator = lx.FunctionLinearOperator(matvec, structure, tags=lx.positive_semidefinite_tag)
