@@ -41,15 +41,23 @@ Gradients (all methods, a custom VJP; LP sensitivity): for `reg_cost` $=
 \mathrm{OT}$, $\partial/\partial C = P$, $\partial/\partial a = f$, $\partial/\partial b
 = g$, flowing to point clouds through $C$. Potentials are unique only up to
 $(f + t, g - t)$; they are returned in the gauge $\langle f, a\rangle = \langle g,
-b\rangle$, a valid dual pair, so the weight gradient is exact along every perturbation
-keeping $\sum a = \sum b$ (e.g. on the simplex), where it is gauge-independent. The plan
+b\rangle$, a valid dual pair. Masses (equal within tolerance) are solved with $b$
+rescaled to $\sum a$, and the weight gradients include that rescaling, so they are
+right along every direction (not only those keeping $\sum a = \sum b$). The plan
 is piecewise constant in $C$ (zero gradient) and piecewise linear in $(a, b)$, where its
 VJP solves $u_i + v_j = \bar P_{ij}$ on the support of $P$ (least squares weighted by
 $P$, conjugate gradients): `cost` $= \langle C, P\rangle$ then has the gradient of
-`reg_cost`. `f` and `g` carry no gradient. Where the solution is not unique (ties,
-degenerate problems such as assignments) $P$ is a supergradient of the concave
-$C \mapsto \mathrm{OT}$ and $(f, g)$ a subgradient of the convex $(a, b) \mapsto
-\mathrm{OT}$.
+`reg_cost`. `f` and `g` are piecewise linear in $C$ and, through the gauge, in
+$(a, b)$: at a non-degenerate vertex (the support a spanning tree of the points of
+positive weight) they solve $f_i + g_j = C_{ij}$ on the support, and a zero-weight
+point's potential is its $c$-transform ($f_i = \min_j C_{ij} - g_j$); their VJP
+differentiates exactly that (`_potentials_vjp`). Where the support is not a spanning
+tree (degenerate problems such as assignments with uniform weights, or
+``"sinkhorn_rounding"``, whose plan is not a vertex) the potentials are not unique and
+differentiating `f` or `g` raises an error instead of returning a wrong gradient.
+Where the solution is not unique (ties, degenerate problems) $P$ is a supergradient
+of the concave $C \mapsto \mathrm{OT}$ and $(f, g)$ a subgradient of the convex
+$(a, b) \mapsto \mathrm{OT}$.
 """
 
 from __future__ import annotations

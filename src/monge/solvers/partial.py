@@ -206,9 +206,15 @@ class PartialSinkhorn(eqx.Module):
     `__call__(problem, throw=False)` returns a `PlanSolution`; `reg_cost` is
     $\langle C, P\rangle + \varepsilon \sum P\log P$ and is differentiable (envelope
     theorem: $\partial/\partial C = P$, $\partial/\partial a = f$, $\partial/\partial
-    m = c + \varepsilon$, $\partial/\partial\varepsilon = \sum P\log P$). `plan`, `f`
-    and `g` are returned without gradient (so `cost` only differentiates the explicit
-    $C$ in $\langle C, P\rangle$); implicit differentiation of the plan is not done.
+    m = c + \varepsilon$, $\partial/\partial\varepsilon = \sum P\log P$). `plan`, `f`,
+    `g` (and so `cost`) are differentiated with respect to $C$, $a$, $b$, $m$ and
+    $\varepsilon$ implicitly, through the optimality conditions of the dual at the
+    returned optimum (`_dual_optimum_bwd`: one conjugate-gradient solve of size
+    $n + m + 1$); they are exact for the converged solution, so converge tightly when
+    gradients matter. At $m = \min(\sum a, \sum b)$ (to 1000 machine epsilons) the
+    potentials are not unique and differentiating `f` or `g` raises (`plan`, `cost`, `reg_cost` stay
+    differentiable). Zero-weight rows and columns are frozen (their potential is 0 and
+    their plan entries 0, with zero gradient).
 
     Reference: Benamou, Carlier, Cuturi, Nenna & Peyré (2015), "Iterative Bregman
     projections for regularized transportation problems", SIAM J. Sci. Comput.
@@ -342,14 +348,17 @@ def _dual_optimum_bwd(residuals, grad_obj, perturbed, theta, solver):
             rs @ wf + cs @ wg + wc,
         )
 
-    # mass = min(sum a, sum b): every row (or column) of positive weight is active and
-    # H is singular along (-1 on those rows, 0, 1): c and the full side's potentials are
-    # defined up to a shift. Cotangents through the plan are orthogonal to it; one that
-    # is not comes from differentiating the potentials themselves, which are not unique.
-    tol = 100 * jnp.finfo(f.dtype).eps
-    full = lambda act, w: jnp.all((act > 0) | ~(w > 0))  # noqa: E731
-    along = lambda act, z: jnp.abs(c_bar - act @ z) > tol * (jnp.abs(c_bar) + act @ jnp.abs(z))  # noqa: E731
-    not_unique = (full(act_f, a) & along(act_f, f_bar)) | (full(act_g, b) & along(act_g, g_bar))
+    # mass = sum a (within 1000 machine epsilons): every row of positive weight is full,
+    # c and f are defined only up to (f - t, c + t) (the solver's f has an exact 0 where
+    # it stopped; the gradient would be that of this arbitrary gauge). Cotangents through
+    # the plan, a function of f + c, are orthogonal to (-1 on those rows, 0, 1); one that
+    # is not comes from differentiating the potentials themselves. Columns alike.
+    tol = 1000 * jnp.finfo(f.dtype).eps
+    full = lambda w: mass >= jnp.sum(w) * (1 - tol)  # noqa: E731
+    along = lambda w, z: jnp.abs(c_bar - jnp.sum(jnp.where(w > 0, z, 0.0))) > tol * (  # noqa: E731
+        jnp.abs(c_bar) + jnp.sum(jnp.abs(z))
+    )
+    not_unique = (full(a) & along(a, f_bar)) | (full(b) & along(b, g_bar))
     c_bar = eqx.error_if(c_bar, not_unique, _NOT_UNIQUE)
     rhs = (eps * act_f * sr * f_bar, eps * act_g * sc * g_bar, eps * st * c_bar)
     structure = jax.eval_shape(lambda: rhs)
