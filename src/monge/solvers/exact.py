@@ -614,7 +614,9 @@ def _potentials_vjp(plan, f, g, C, a, b, f_bar, g_bar):
     $c$-transforms, `fix_gauge` the gauge), differentiated by autodiff; the cotangent
     $(\bar f^0, \bar g^0)$ it leaves is orthogonal to the null vector $(1, -1)$ (the
     composition is gauge invariant), so $M y = (\bar f^0, \bar g^0)$ is consistent and
-    $\bar C_{ij} \mathrel{+}= P_{ij} (y_i + y_j)$. Where $T$ is not a spanning tree the
+    $\bar C_{ij} \mathrel{+}= y_i + y_j$ on $T$, with $M$ built from unit weights on $T$
+    (the tree equations do not depend on the weights; unit weights keep the system's
+    conditioning independent of the flows). Where $T$ is not a spanning tree the
     potentials are not unique (not differentiable): a nonzero cotangent raises.
     """
     f_bar = jnp.zeros_like(f) if f_bar is None else f_bar
@@ -630,9 +632,11 @@ def _potentials_vjp(plan, f, g, C, a, b, f_bar, g_bar):
     support = (plan > 0) & (a[:, None] > 0) & (b[None, :] > 0)
     tree = jnp.sum(support) == jnp.sum(a > 0) + jnp.sum(b > 0) - 1
     wanted = jnp.any(f_bar != 0) | jnp.any(g_bar != 0)
-    P = jnp.where(support, plan, 0.0)
-    y_f, y_g = _support_solve(P, f0_bar, g0_bar)
-    C_bar = C_bar + P * (y_f[:, None] + y_g[None, :])
+    # unit weights on the tree: its equations do not depend on them, and the system's
+    # conditioning then does not degrade with small flows (P's weights: 1e3 at n = 7)
+    S = support.astype(plan.dtype)
+    y_f, y_g = _support_solve(S, f0_bar, g0_bar)
+    C_bar = C_bar + S * (y_f[:, None] + y_g[None, :])
     C_bar = eqx.error_if(C_bar, wanted & ~tree, _NOT_A_TREE)
     return C_bar, a_bar, b_bar
 
@@ -657,12 +661,19 @@ def _support_solve(P, rhs_f, rhs_g):
     r"""A solution $(u, v)$ of $[\mathrm{diag}(r), P; P^\top, \mathrm{diag}(c)] (u, v)
     = (\text{rhs}_f, \text{rhs}_g)$ ($r, c$ the marginals of $P$), for a consistent
     right-hand side; zero on empty rows and columns. Conjugate gradients after the
-    symmetric scaling of `ImplicitAdjoint` (eigenvalues in $[0, 2]$)."""
+    symmetric scaling of `ImplicitAdjoint` (eigenvalues in $[0, 2]$). The scaled
+    right-hand side is projected off the null vector $(\sqrt r, -\sqrt c)$: a rounding
+    residue along it would make the iterates grow along it (to ~1e8 in float32),
+    destroying the precision of $u_i + v_j$."""
     r, c = jnp.sum(P, axis=1), jnp.sum(P, axis=0)
     inv_r = jnp.where(r > 0, jax.lax.rsqrt(jnp.where(r > 0, r, 1.0)), 0.0)
     inv_c = jnp.where(c > 0, jax.lax.rsqrt(jnp.where(c > 0, c, 1.0)), 0.0)
     A = inv_r[:, None] * P * inv_c[None, :]
     rhs = (inv_r * rhs_f, inv_c * rhs_g)
+    null = (jnp.sqrt(r), -jnp.sqrt(c))
+    norm2 = jnp.sum(r) + jnp.sum(c)
+    along = (rhs[0] @ null[0] + rhs[1] @ null[1]) / jnp.where(norm2 > 0, norm2, 1.0)
+    rhs = (rhs[0] - along * null[0], rhs[1] - along * null[1])
 
     def matvec(w):
         return (w[0] + A @ w[1], A.T @ w[0] + w[1])

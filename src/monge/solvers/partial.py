@@ -212,9 +212,12 @@ class PartialSinkhorn(eqx.Module):
     returned optimum (`_dual_optimum_bwd`: one conjugate-gradient solve of size
     $n + m + 1$); they are exact for the converged solution, so converge tightly when
     gradients matter. At $m = \min(\sum a, \sum b)$ (to 1000 machine epsilons) the
-    potentials are not unique and differentiating `f` or `g` raises (`plan`, `cost`, `reg_cost` stay
-    differentiable). Zero-weight rows and columns are frozen (their potential is 0 and
-    their plan entries 0, with zero gradient).
+    potentials are not unique and differentiating `f` or `g` raises (`plan`, `cost`
+    and `reg_cost` stay differentiable). Zero-weight rows and columns are frozen: their
+    potential and plan entries are 0 with zero gradient, and the gradient with respect
+    to a zero weight is returned as 0 although the one-sided derivative of `reg_cost`
+    there is $-\infty$ (the slope of $P \log P$ at 0); keep weights positive where
+    they are differentiated.
 
     Reference: Benamou, Carlier, Cuturi, Nenna & Peyré (2015), "Iterative Bregman
     projections for regularized transportation problems", SIAM J. Sci. Comput.
@@ -300,8 +303,8 @@ def _dual_optimum(theta, solver):
 
 @_dual_optimum.def_fwd
 def _dual_optimum_fwd(perturbed, theta, solver):
-    out = _dual_optimum(theta, solver)
-    return out, out[:3]
+    (f, g, c), n_iters, error = _ascent(solver, *theta)
+    return (f, g, c, n_iters, error), (f, g, c)
 
 
 @_dual_optimum.def_bwd
