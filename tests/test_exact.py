@@ -230,8 +230,7 @@ def test_plan_derivative(clouds):
         plan_of = lambda C, a, b: _exact(C, a, b).plan  # noqa: E731
         _, vjp = jax.vjp(plan_of, jnp.asarray(C), jnp.asarray(a), jnp.asarray(b))
         gC, ga, gb = (np.asarray(t) for t in vjp(jnp.asarray(R)))
-        f_grad = jax.grad(lambda C: jnp.sum(_exact(C, a, b).f))(jnp.asarray(C))
-    assert np.all(gC == 0) and np.all(np.asarray(f_grad) == 0)
+    assert np.all(gC == 0)  # (f and g are differentiable: tests/test_silent_grads.py)
     expected = np.sum(R * _fd(lambda t: ot.emd(a + t * da, b + t * db, C), 0.0, 1.0, h=1e-7))
     np.testing.assert_allclose(ga @ da + gb @ db, expected, rtol=1e-6)
 

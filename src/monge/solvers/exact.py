@@ -41,15 +41,23 @@ Gradients (all methods, a custom VJP; LP sensitivity): for `reg_cost` $=
 \mathrm{OT}$, $\partial/\partial C = P$, $\partial/\partial a = f$, $\partial/\partial b
 = g$, flowing to point clouds through $C$. Potentials are unique only up to
 $(f + t, g - t)$; they are returned in the gauge $\langle f, a\rangle = \langle g,
-b\rangle$, a valid dual pair, so the weight gradient is exact along every perturbation
-keeping $\sum a = \sum b$ (e.g. on the simplex), where it is gauge-independent. The plan
+b\rangle$, a valid dual pair. Masses (equal within tolerance) are solved with $b$
+rescaled to $\sum a$, and the weight gradients include that rescaling, so they are
+right along every direction (not only those keeping $\sum a = \sum b$). The plan
 is piecewise constant in $C$ (zero gradient) and piecewise linear in $(a, b)$, where its
 VJP solves $u_i + v_j = \bar P_{ij}$ on the support of $P$ (least squares weighted by
 $P$, conjugate gradients): `cost` $= \langle C, P\rangle$ then has the gradient of
-`reg_cost`. `f` and `g` carry no gradient. Where the solution is not unique (ties,
-degenerate problems such as assignments) $P$ is a supergradient of the concave
-$C \mapsto \mathrm{OT}$ and $(f, g)$ a subgradient of the convex $(a, b) \mapsto
-\mathrm{OT}$.
+`reg_cost`. `f` and `g` are piecewise linear in $C$ and, through the gauge, in
+$(a, b)$: at a non-degenerate vertex (the support a spanning tree of the points of
+positive weight) they solve $f_i + g_j = C_{ij}$ on the support, and a zero-weight
+point's potential is its $c$-transform ($f_i = \min_j C_{ij} - g_j$); their VJP
+differentiates exactly that (`_potentials_vjp`). Where the support is not a spanning
+tree (degenerate problems such as assignments with uniform weights, or
+``"sinkhorn_rounding"``, whose plan is not a vertex) the potentials are not unique and
+differentiating `f` or `g` raises an error instead of returning a wrong gradient.
+Where the solution is not unique (ties, degenerate problems) $P$ is a supergradient
+of the concave $C \mapsto \mathrm{OT}$ and $(f, g)$ a subgradient of the convex
+$(a, b) \mapsto \mathrm{OT}$.
 """
 
 from __future__ import annotations
@@ -327,8 +335,11 @@ def solve_arrays(solver: Exact, C, a, b):
             f"Exact(method={solver.method!r}) needs uniform weights; use "
             "method='network_simplex'.",
         )
+    # b is rescaled to sum(a) outside the custom VJP, so that gradients with respect to
+    # the weights include the rescaling (right along every direction, not only sum-keeping)
+    b = b * (jnp.sum(a) / jnp.sum(b))
     plan, f, g, reg_cost, (n_iters, error, status) = _core((C, a, b), solver)
-    return plan, jax.lax.stop_gradient(f), jax.lax.stop_gradient(g), reg_cost, n_iters, error, status
+    return plan, f, g, reg_cost, n_iters, error, status
 
 
 # -- forward ---------------------------------------------------------------------------
@@ -641,7 +652,61 @@ def _core_bwd(residuals, grad_obj, perturbed, inputs, solver):
     if plan_bar is not None and (a_perturbed or b_perturbed):
         u, v = support_potentials(plan, plan_bar, a, b)
         a_bar, b_bar = a_bar + u, b_bar + v
+    if grad_obj[1] is not None or grad_obj[2] is not None:
+        bars = _potentials_vjp(plan, f, g, C, a, b, grad_obj[1], grad_obj[2])
+        C_bar, a_bar, b_bar = (s + t for s, t in zip((C_bar, a_bar, b_bar), bars))
     return tuple(t if p else None for t, p in zip((C_bar, a_bar, b_bar), perturbed))
+
+
+_NOT_A_TREE = (
+    "The potentials f, g of exact OT are not differentiable at this problem: the support "
+    "of the optimal plan is not a spanning tree of the rows and columns of positive weight "
+    "(a degenerate linear programme, e.g. an assignment with uniform weights, whose dual "
+    "solutions are not unique; or Exact(method='sinkhorn_rounding'), whose plan is not a "
+    "vertex). Differentiate `cost` or `reg_cost` instead (their gradients are the plan and "
+    "the potentials), use method='network_simplex' on weights in general position, or "
+    "epsilon > 0."
+)
+
+
+def _potentials_vjp(plan, f, g, C, a, b, f_bar, g_bar):
+    r"""VJP of the returned potentials $(f, g)$ with respect to $(C, a, b)$.
+
+    At a non-degenerate vertex the support $T$ of the plan is a spanning tree of the
+    rows and columns of positive weight, locally constant, and the tree potentials
+    $(f^0, g^0)$, $f^0_i + g^0_j = C_{ij}$ on $T$, are linear in $C$ (unique up to
+    $(f^0 + t, g^0 - t)$): they solve the consistent normal equations $M (f^0, g^0) =
+    ((P \odot C)\mathbf 1, (P\odot C)^\top\mathbf 1)$ of `support_potentials`. The
+    returned pair is $(f, g) = \mathrm{gauge}(\mathrm{feasible}(C, f^0, g^0), a, b)$
+    (`_feasible_duals` sets the potentials of zero-weight points to their
+    $c$-transforms, `fix_gauge` the gauge), differentiated by autodiff; the cotangent
+    $(\bar f^0, \bar g^0)$ it leaves is orthogonal to the null vector $(1, -1)$ (the
+    composition is gauge invariant), so $M y = (\bar f^0, \bar g^0)$ is consistent and
+    $\bar C_{ij} \mathrel{+}= y_i + y_j$ on $T$, with $M$ built from unit weights on $T$
+    (the tree equations do not depend on the weights; unit weights keep the system's
+    conditioning independent of the flows). Where $T$ is not a spanning tree the
+    potentials are not unique (not differentiable): a nonzero cotangent raises.
+    """
+    f_bar = jnp.zeros_like(f) if f_bar is None else f_bar
+    g_bar = jnp.zeros_like(g) if g_bar is None else g_bar
+
+    def returned(C, a, b, f0, g0):  # as in `_forward`
+        b = b * (jnp.sum(a) / jnp.sum(b))
+        f1, g1 = _feasible_duals(C, f0, g0, a, b)
+        return fix_gauge(f1, g1, a, b)
+
+    _, vjp = jax.vjp(returned, C, a, b, f, g)
+    C_bar, a_bar, b_bar, f0_bar, g0_bar = vjp((f_bar, g_bar))
+    support = (plan > 0) & (a[:, None] > 0) & (b[None, :] > 0)
+    tree = jnp.sum(support) == jnp.sum(a > 0) + jnp.sum(b > 0) - 1
+    wanted = jnp.any(f_bar != 0) | jnp.any(g_bar != 0)
+    # unit weights on the tree: its equations do not depend on them, and the system's
+    # conditioning then does not degrade with small flows (P's weights: 1e3 at n = 7)
+    S = support.astype(plan.dtype)
+    y_f, y_g = _support_solve(S, f0_bar, g0_bar)
+    C_bar = C_bar + S * (y_f[:, None] + y_g[None, :])
+    C_bar = eqx.error_if(C_bar, wanted & ~tree, _NOT_A_TREE)
+    return C_bar, a_bar, b_bar
 
 
 def support_potentials(P, R, a, b):
@@ -655,12 +720,28 @@ def support_potentials(P, R, a, b):
     consistent; they are solved by conjugate gradients after the symmetric scaling of
     `ImplicitAdjoint` (eigenvalues in $[0, 2]$).
     """
+    PR = P * R
+    u, v = _support_solve(P, jnp.sum(PR, axis=1), jnp.sum(PR, axis=0))
+    return fix_gauge(u, v, a, b)
+
+
+def _support_solve(P, rhs_f, rhs_g):
+    r"""A solution $(u, v)$ of $[\mathrm{diag}(r), P; P^\top, \mathrm{diag}(c)] (u, v)
+    = (\text{rhs}_f, \text{rhs}_g)$ ($r, c$ the marginals of $P$), for a consistent
+    right-hand side; zero on empty rows and columns. Conjugate gradients after the
+    symmetric scaling of `ImplicitAdjoint` (eigenvalues in $[0, 2]$). The scaled
+    right-hand side is projected off the null vector $(\sqrt r, -\sqrt c)$: a rounding
+    residue along it would make the iterates grow along it (to ~1e8 in float32),
+    destroying the precision of $u_i + v_j$."""
     r, c = jnp.sum(P, axis=1), jnp.sum(P, axis=0)
     inv_r = jnp.where(r > 0, jax.lax.rsqrt(jnp.where(r > 0, r, 1.0)), 0.0)
     inv_c = jnp.where(c > 0, jax.lax.rsqrt(jnp.where(c > 0, c, 1.0)), 0.0)
     A = inv_r[:, None] * P * inv_c[None, :]
-    PR = P * R
-    rhs = (inv_r * jnp.sum(PR, axis=1), inv_c * jnp.sum(PR, axis=0))
+    rhs = (inv_r * rhs_f, inv_c * rhs_g)
+    null = (jnp.sqrt(r), -jnp.sqrt(c))
+    norm2 = jnp.sum(r) + jnp.sum(c)
+    along = (rhs[0] @ null[0] + rhs[1] @ null[1]) / jnp.where(norm2 > 0, norm2, 1.0)
+    rhs = (rhs[0] - along * null[0], rhs[1] - along * null[1])
 
     def matvec(w):
         return (w[0] + A @ w[1], A.T @ w[0] + w[1])
@@ -670,4 +751,4 @@ def support_potentials(P, R, a, b):
     rtol = 1e-12 if P.dtype == jnp.float64 else 1e-6
     cg = lx.CG(rtol=rtol, atol=rtol * 1e-3, max_steps=4 * sum(P.shape) + 100)
     w = lx.linear_solve(operator, rhs, cg, throw=False).value
-    return fix_gauge(inv_r * w[0], inv_c * w[1], a, b)
+    return inv_r * w[0], inv_c * w[1]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float
 
@@ -206,9 +207,18 @@ class PartialSinkhorn(eqx.Module):
     `__call__(problem, throw=False)` returns a `PlanSolution`; `reg_cost` is
     $\langle C, P\rangle + \varepsilon \sum P\log P$ and is differentiable (envelope
     theorem: $\partial/\partial C = P$, $\partial/\partial a = f$, $\partial/\partial
-    m = c + \varepsilon$, $\partial/\partial\varepsilon = \sum P\log P$). `plan`, `f`
-    and `g` are returned without gradient (so `cost` only differentiates the explicit
-    $C$ in $\langle C, P\rangle$); implicit differentiation of the plan is not done.
+    m = c + \varepsilon$, $\partial/\partial\varepsilon = \sum P\log P$). `plan`, `f`,
+    `g` (and so `cost`) are differentiated with respect to $C$, $a$, $b$, $m$ and
+    $\varepsilon$ implicitly, through the optimality conditions of the dual at the
+    returned optimum (`_dual_optimum_bwd`: one conjugate-gradient solve of size
+    $n + m + 1$); they are exact for the converged solution, so converge tightly when
+    gradients matter. At $m = \min(\sum a, \sum b)$ (to 1000 machine epsilons) the
+    potentials are not unique and differentiating `f` or `g` raises (`plan`, `cost`
+    and `reg_cost` stay differentiable). Zero-weight rows and columns are frozen: their
+    potential and plan entries are 0 with zero gradient, and the gradient with respect
+    to a zero weight is returned as 0 although the one-sided derivative of `reg_cost`
+    there is $-\infty$ (the slope of $P \log P$ at 0); keep weights positive where
+    they are differentiated.
 
     Reference: Benamou, Carlier, Cuturi, Nenna & Peyré (2015), "Iterative Bregman
     projections for regularized transportation problems", SIAM J. Sci. Comput.
@@ -250,25 +260,131 @@ def _solve_entropic(solver: PartialSinkhorn, problem: PartialProblem, throw: boo
     a, b, mass = _traced_checks(problem)
     eps = problem.resolved_epsilon().astype(C.dtype)
     eps = eqx.error_if(eps, ~(eps > 0) | ~jnp.isfinite(eps), "`epsilon` must be positive.")
-    theta = jax.lax.stop_gradient((C, a, b, mass, eps))
-    (f, g, c), n_iters, error = _ascent(solver, *theta)
+    theta = (C, a, b, mass, eps)
+    f, g, c, n_iters, error = _dual_optimum(theta, solver)
     status = jnp.where(
         error <= solver.threshold,
         Status.CONVERGED,
         jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED),
     ).astype(jnp.int32)
-    log_plan = _log_plan(f, g, c, *theta[:3], eps=theta[4])
-    plan = jnp.exp(log_plan)
-    entropy = jnp.sum(jnp.where(plan > 0, plan * log_plan, 0.0))
-    primal = jnp.sum(jnp.where(plan > 0, plan * theta[0], 0.0)) + theta[4] * entropy
+    # the plan (and so `cost`, `f`, `g`) carries the implicit gradient of (f, g, c);
+    # `reg_cost` that of the envelope theorem (its partial derivatives at fixed f, g, c)
+    plan = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
+    fs, gs, cs = jax.lax.stop_gradient((f, g, c))
+    log_plan = _log_plan(fs, gs, cs, *jax.lax.stop_gradient((C, a, b, eps)))
+    plan_s = jnp.exp(log_plan)
+    entropy = jnp.sum(jnp.where(plan_s > 0, plan_s * log_plan, 0.0))
+    C_s = jax.lax.stop_gradient(C)  # forbidden pairs: C = inf where the plan is 0
+    primal = jnp.sum(jnp.where(plan_s > 0, plan_s * C_s, 0.0)) + jax.lax.stop_gradient(eps) * entropy
 
     def dual(C, a, b, mass, eps):  # + eps * mass: equals the primal at the optimum
-        total = jnp.sum(jnp.exp(_log_plan(f, g, c, C, a, b, eps)))
-        return f @ a + g @ b + c * mass - eps * total + eps * mass
+        total = jnp.sum(jnp.exp(_log_plan(fs, gs, cs, C, a, b, eps)))
+        return fs @ a + gs @ b + cs * mass - eps * total + eps * mass
 
     value = dual(C, a, b, mass, eps)
     reg_cost = primal + value - jax.lax.stop_gradient(value)
     return _finish(problem, plan, f + c / 2, g + c / 2, reg_cost, n_iters, error, status, throw)
+
+
+# -- gradients: implicit differentiation of the dual optimality conditions ----------------
+_NOT_UNIQUE = (
+    "The potentials f, g of entropic partial OT are not differentiable when `mass` equals "
+    "min(sum(a), sum(b)): the mass multiplier and the potentials of the side whose mass "
+    "is transported in full are then defined only up to a shift. Differentiate `plan`, "
+    "`cost` or `reg_cost` (which are unique), or use a mass below min(sum(a), sum(b))."
+)
+
+
+@eqx.filter_custom_vjp
+def _dual_optimum(theta, solver):
+    """`(f, g, c, n_iters, error)`: the dual optimum of the entropic partial problem,
+    `theta = (C, a, b, mass, eps)`. Its VJP is `_dual_optimum_bwd`."""
+    (f, g, c), n_iters, error = _ascent(solver, *theta)
+    return f, g, c, n_iters, error
+
+
+@_dual_optimum.def_fwd
+def _dual_optimum_fwd(perturbed, theta, solver):
+    (f, g, c), n_iters, error = _ascent(solver, *theta)
+    return (f, g, c, n_iters, error), (f, g, c)
+
+
+@_dual_optimum.def_bwd
+def _dual_optimum_bwd(residuals, grad_obj, perturbed, theta, solver):
+    r"""Implicit differentiation of the optimality conditions (Blondel et al., 2022).
+
+    The dual $D(f, g, c) = \langle f, a\rangle + \langle g, b\rangle + c m -
+    \varepsilon \sum_{ij} P_{ij} + \varepsilon m$ is maximised over $f \le 0$,
+    $g \le 0$, $c$ free. At the optimum, with the active sets $I = \{i : f_i < 0\}$,
+    $J = \{j : g_j < 0\}$ (rows and columns whose capacity is used up; generically
+    strictly complementary, so locally constant), $F(z; \theta) = (a_I - (P\mathbf
+    1)_I,\ b_J - (P^\top \mathbf 1)_J,\ m - \sum P) = 0$ for $z = (f_I, g_J, c)$,
+    and $f_i = 0$ ($g_j = 0$) off the active sets. $-\partial_z F = H / \varepsilon$,
+
+    $$H = \begin{pmatrix} \mathrm{diag}(r_I) & P_{IJ} & r_I \\ P_{IJ}^\top &
+    \mathrm{diag}(c_J) & c_J \\ r_I^\top & c_J^\top & \sum P\end{pmatrix},$$
+
+    the Hessian of $\sum P$ restricted to $z$: positive definite as long as one row
+    and one column are inactive (always when $m < \min(\sum a, \sum b)$ and the plan
+    is positive). For a cotangent $\bar z$, solve $H u = \varepsilon \bar z$ (conjugate
+    gradients on the Jacobi-scaled $D^{-1/2} H D^{-1/2}$, $D = \mathrm{diag}(H)$, unit
+    diagonal) and return $\bar\theta = (\partial_\theta F)^\top u$.
+    """
+    f, g, c = residuals
+    C, a, b, mass, eps = theta
+    zero = lambda z, ref: jnp.zeros_like(ref) if z is None else z  # noqa: E731
+    f_bar, g_bar, c_bar = zero(grad_obj[0], f), zero(grad_obj[1], g), zero(grad_obj[2], c)
+    act_f = ((f < 0) & (a > 0)).astype(f.dtype)
+    act_g = ((g < 0) & (b > 0)).astype(g.dtype)
+    P = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
+    r, col, tot = jnp.sum(P, axis=1), jnp.sum(P, axis=0), jnp.sum(P)
+    # Jacobi scaling on the active set; identity on the frozen (inactive) entries
+    sr = jnp.where(act_f > 0, jax.lax.rsqrt(jnp.where(act_f > 0, r, 1.0)), 1.0)
+    sc = jnp.where(act_g > 0, jax.lax.rsqrt(jnp.where(act_g > 0, col, 1.0)), 1.0)
+    st = jax.lax.rsqrt(jnp.where(tot > 0, tot, 1.0))
+    Ps = P * (act_f * sr)[:, None] * (act_g * sc)[None, :]
+    rs, cs = act_f * r * sr * st, act_g * col * sc * st
+
+    def matvec(w):
+        wf, wg, wc = w
+        return (
+            wf + Ps @ wg + rs * wc,
+            wg + Ps.T @ wf + cs * wc,
+            rs @ wf + cs @ wg + wc,
+        )
+
+    # mass = sum a (within 1000 machine epsilons): every row of positive weight is full,
+    # c and f are defined only up to (f - t, c + t) (the solver's f has an exact 0 where
+    # it stopped; the gradient would be that of this arbitrary gauge). Cotangents through
+    # the plan, a function of f + c, are orthogonal to (-1 on those rows, 0, 1); one that
+    # is not comes from differentiating the potentials themselves. Columns alike.
+    tol = 1000 * jnp.finfo(f.dtype).eps
+    full = lambda w: mass >= jnp.sum(w) * (1 - tol)  # noqa: E731
+    along = lambda w, z: jnp.abs(c_bar - jnp.sum(jnp.where(w > 0, z, 0.0))) > tol * (  # noqa: E731
+        jnp.abs(c_bar) + jnp.sum(jnp.abs(z))
+    )
+    not_unique = (full(a) & along(a, f_bar)) | (full(b) & along(b, g_bar))
+    c_bar = eqx.error_if(c_bar, not_unique, _NOT_UNIQUE)
+    rhs = (eps * act_f * sr * f_bar, eps * act_g * sc * g_bar, eps * st * c_bar)
+    structure = jax.eval_shape(lambda: rhs)
+    operator = lx.FunctionLinearOperator(matvec, structure, tags=lx.positive_semidefinite_tag)
+    rtol = 1e-12 if P.dtype == jnp.float64 else 1e-6
+    cg = lx.CG(rtol=rtol, atol=rtol * 1e-3, max_steps=4 * sum(P.shape) + 100)
+    w = lx.linear_solve(operator, rhs, cg, throw=False).value
+    u = (act_f * sr * w[0], act_g * sc * w[1], st * w[2])
+
+    def optimality(theta):
+        C, a, b, mass, eps = theta
+        P = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
+        return (
+            act_f * (a - jnp.sum(P, axis=1)),
+            act_g * (b - jnp.sum(P, axis=0)),
+            mass - jnp.sum(P),
+        )
+
+    _, vjp = jax.vjp(optimality, theta)
+    (theta_bar,) = vjp(u)
+    return theta_bar
 
 
 def _log_plan(f, g, c, C, a, b, eps):
