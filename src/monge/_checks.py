@@ -118,3 +118,82 @@ def traced_checks(problem, eps) -> tuple:
         a, jnp.any(~((taus > 0) & (taus <= 1))), "`tau_a` and `tau_b` must lie in (0, 1]."
     )
     return a, b
+
+
+# -- arrays at the door (shared by geometries, problems, front doors and tools) ---------
+def as_real_array(name: str, z, fn: str | None = None):
+    """`z` as a real floating JAX array (integers and booleans promoted to the default
+    float dtype), or a `ValueError` naming `name` (and the function `fn`, if given)
+    for values that are not real numbers: complex arrays (OT costs are real; the
+    imaginary part would be dropped or break the arithmetic), strings and objects.
+    Works on traced arrays (only the dtype is read)."""
+    where = f"`{name}`" if fn is None else f"`monge.{fn}({name}=...)`"
+    dtype = getattr(z, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(z).dtype
+        except (TypeError, ValueError):  # ragged nested lists and the like
+            dtype = np.dtype(object)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ValueError(
+            f"{where} is complex (dtype {dtype}); optimal transport needs real numbers: "
+            "pass its real part, its modulus, or real and imaginary parts as two "
+            "coordinates (np.stack([z.real, z.imag], -1))."
+        )
+    if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+        what = f"dtype {dtype}" if dtype != np.dtype(object) else f"type {type(z).__name__}"
+        raise ValueError(
+            f"{where} must be a real-valued numeric array; received {what}. Convert it "
+            "first, e.g. np.asarray(z, dtype=np.float32) (strings must be parsed into "
+            "numbers)."
+        )
+    z = jnp.asarray(z)
+    return z if jnp.issubdtype(z.dtype, jnp.inexact) else z.astype(jnp.result_type(float))
+
+
+def check_cloud(name: str, z, fn: str | None = None) -> None:
+    """A point cloud: a 2-D `(n, d)` array with n >= 1 points and d >= 1 coordinates
+    (an empty cloud has no transport plan, and d = 0 makes every cost 0)."""
+    where = f"`{name}`" if fn is None else f"`monge.{fn}({name}=...)`"
+    shape = tuple(np.shape(z))
+    if len(shape) != 2:
+        hint = " Use z.reshape(-1, 1) for points on a line." if len(shape) == 1 else ""
+        raise ValueError(
+            f"{where} must be a 2-D array of points, shape (n, d); received shape "
+            f"{shape}.{hint}"
+        )
+    if shape[0] == 0:
+        raise ValueError(
+            f"{where} is an empty point cloud (shape {shape}); pass at least one point."
+        )
+    if shape[1] == 0:
+        raise ValueError(
+            f"{where} has points in dimension d = 0 (shape {shape}); pass at least one "
+            "coordinate per point."
+        )
+
+
+def check_nonempty_matrix(name: str, C) -> None:
+    """A cost matrix: 2-D `(n, m)` with n, m >= 1."""
+    shape = tuple(np.shape(C))
+    if len(shape) != 2:
+        raise ValueError(
+            f"`{name}` (a cost matrix) must be 2-D, of shape (n, m); received shape {shape}."
+        )
+    if 0 in shape:
+        raise ValueError(
+            f"`{name}` is an empty cost matrix (shape {shape}); pass at least one source "
+            "(row) and one target (column)."
+        )
+
+
+def reject_unused(owner: str, given: dict, why: str, fix: str) -> None:
+    """Raise if options that `owner` would ignore were given (not None).
+
+    `given` maps the option names (as the user writes them) to their values; `None`
+    means "not given". An option that is accepted and silently ignored lets a user
+    believe a setting took effect, so it is an error that names it and says what to do.
+    """
+    names = [f"{k}={v!r}" for k, v in given.items() if v is not None]
+    if names:
+        raise ValueError(f"{owner}: {', '.join(names)} {why}; {fix}")

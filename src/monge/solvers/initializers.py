@@ -167,7 +167,7 @@ def subsample_potential(geom, a, b, eps, k=None):
     (x_sub, a_sub), (y_sub, b_sub) = take(x, a), take(y, b)
     small = LinearProblem(PointCloud(x_sub, y_sub, geom.cost), a_sub, b_sub, epsilon=eps)
     g_sub = Sinkhorn()(small).g
-    online = PointCloud(x, y_sub, geom.cost, online=geom.online, chunk_size=geom.chunk_size)
+    online = PointCloud(x, y_sub, geom.cost, **geom.blocking())
     f = -eps * online.lse(g_sub, eps, 1, w=b_sub)
     f = f + (b_sub @ g_sub - a @ f / jnp.sum(a)) / 2  # centred, as in sorting_potential
     return jnp.where(jnp.all(jnp.isfinite(f)), f, jnp.zeros_like(f))
