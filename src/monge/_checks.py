@@ -1,9 +1,19 @@
-"""Input validation shared by problems and front doors.
+"""Input validation shared by problems, solvers, front doors and tools.
 
-Shapes and dtypes are checked in plain Python before tracing. Values (NaN, negative
-weights, unequal masses) are checked with NumPy when the arrays are concrete, so the
-user gets a `ValueError`; under `jax.jit`/`vmap`/`grad` they are traced and
-`traced_checks` raises through `eqx.error_if` instead (an `EquinoxRuntimeError`).
+Shapes and dtypes are checked in plain Python before tracing (`as_real_array`,
+`check_cloud`, `check_nonempty_matrix`): a `ValueError` naming the argument. Values
+(NaN, negative weights, unequal masses) are checked with NumPy when the arrays are
+concrete, so the user gets a `ValueError`; under `jax.jit`/`vmap`/`grad` they are traced:
+
+- weights, epsilon and tau: `traced_checks` raises through `eqx.error_if` (an
+  `EquinoxRuntimeError`);
+- points and costs: not an error under `jit` (the check would be one more pass over the
+  data, and one bad problem would abort a whole vmapped batch); a solver that meets
+  non-finite values returns `Status.DIVERGED` ("failure is data"), and a function that
+  returns a plain number (`wasserstein_1d`, `sliced_wasserstein`) returns NaN, never a
+  finite value.
+
+Options that the chosen mode would ignore are errors too (`reject_unused`).
 """
 
 from __future__ import annotations
@@ -178,7 +188,7 @@ def check_nonempty_matrix(name: str, C) -> None:
     shape = tuple(np.shape(C))
     if len(shape) != 2:
         raise ValueError(
-            f"`{name}` (a cost matrix) must be 2-D, of shape (n, m); received shape {shape}."
+            f"A cost matrix must be 2-D, of shape (n, m); received shape {shape} (`{name}`)."
         )
     if 0 in shape:
         raise ValueError(
