@@ -1,9 +1,19 @@
-"""Input validation shared by problems and front doors.
+"""Input validation shared by problems, solvers, front doors and tools.
 
-Shapes and dtypes are checked in plain Python before tracing. Values (NaN, negative
-weights, unequal masses) are checked with NumPy when the arrays are concrete, so the
-user gets a `ValueError`; under `jax.jit`/`vmap`/`grad` they are traced and
-`traced_checks` raises through `eqx.error_if` instead (an `EquinoxRuntimeError`).
+Shapes and dtypes are checked in plain Python before tracing (`as_real_array`,
+`check_cloud`, `check_nonempty_matrix`): a `ValueError` naming the argument. Values
+(NaN, negative weights, unequal masses) are checked with NumPy when the arrays are
+concrete, so the user gets a `ValueError`; under `jax.jit`/`vmap`/`grad` they are traced:
+
+- weights, epsilon and tau: `traced_checks` raises through `eqx.error_if` (an
+  `EquinoxRuntimeError`);
+- points and costs: not an error under `jit` (the check would be one more pass over the
+  data, and one bad problem would abort a whole vmapped batch); a solver that meets
+  non-finite values returns `Status.DIVERGED` ("failure is data"), and a function that
+  returns a plain number (`wasserstein_1d`, `sliced_wasserstein`) returns NaN, never a
+  finite value.
+
+Options that the chosen mode would ignore are errors too (`reject_unused`).
 """
 
 from __future__ import annotations
@@ -151,3 +161,82 @@ def traced_checks(problem, eps) -> tuple:
         a, jnp.any(~((taus > 0) & (taus <= 1))), "`tau_a` and `tau_b` must lie in (0, 1]."
     )
     return a, b
+
+
+# -- arrays at the door (shared by geometries, problems, front doors and tools) ---------
+def as_real_array(name: str, z, fn: str | None = None):
+    """`z` as a real floating JAX array (integers and booleans promoted to the default
+    float dtype), or a `ValueError` naming `name` (and the function `fn`, if given)
+    for values that are not real numbers: complex arrays (OT costs are real; the
+    imaginary part would be dropped or break the arithmetic), strings and objects.
+    Works on traced arrays (only the dtype is read)."""
+    where = f"`{name}`" if fn is None else f"`monge.{fn}({name}=...)`"
+    dtype = getattr(z, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(z).dtype
+        except (TypeError, ValueError):  # ragged nested lists and the like
+            dtype = np.dtype(object)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ValueError(
+            f"{where} is complex (dtype {dtype}); optimal transport needs real numbers: "
+            "pass its real part, its modulus, or real and imaginary parts as two "
+            "coordinates (np.stack([z.real, z.imag], -1))."
+        )
+    if not (jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)):
+        what = f"dtype {dtype}" if dtype != np.dtype(object) else f"type {type(z).__name__}"
+        raise ValueError(
+            f"{where} must be a real-valued numeric array; received {what}. Convert it "
+            "first, e.g. np.asarray(z, dtype=np.float32) (strings must be parsed into "
+            "numbers)."
+        )
+    z = jnp.asarray(z)
+    return z if jnp.issubdtype(z.dtype, jnp.inexact) else z.astype(jnp.result_type(float))
+
+
+def check_cloud(name: str, z, fn: str | None = None) -> None:
+    """A point cloud: a 2-D `(n, d)` array with n >= 1 points and d >= 1 coordinates
+    (an empty cloud has no transport plan, and d = 0 makes every cost 0)."""
+    where = f"`{name}`" if fn is None else f"`monge.{fn}({name}=...)`"
+    shape = tuple(np.shape(z))
+    if len(shape) != 2:
+        hint = " Use z.reshape(-1, 1) for points on a line." if len(shape) == 1 else ""
+        raise ValueError(
+            f"{where} must be a 2-D array of points, shape (n, d); received shape "
+            f"{shape}.{hint}"
+        )
+    if shape[0] == 0:
+        raise ValueError(
+            f"{where} is an empty point cloud (shape {shape}); pass at least one point."
+        )
+    if shape[1] == 0:
+        raise ValueError(
+            f"{where} has points in dimension d = 0 (shape {shape}); pass at least one "
+            "coordinate per point."
+        )
+
+
+def check_nonempty_matrix(name: str, C) -> None:
+    """A cost matrix: 2-D `(n, m)` with n, m >= 1."""
+    shape = tuple(np.shape(C))
+    if len(shape) != 2:
+        raise ValueError(
+            f"A cost matrix must be 2-D, of shape (n, m); received shape {shape} (`{name}`)."
+        )
+    if 0 in shape:
+        raise ValueError(
+            f"`{name}` is an empty cost matrix (shape {shape}); pass at least one source "
+            "(row) and one target (column)."
+        )
+
+
+def reject_unused(owner: str, given: dict, why: str, fix: str) -> None:
+    """Raise if options that `owner` would ignore were given (not None).
+
+    `given` maps the option names (as the user writes them) to their values; `None`
+    means "not given". An option that is accepted and silently ignored lets a user
+    believe a setting took effect, so it is an error that names it and says what to do.
+    """
+    names = [f"{k}={v!r}" for k, v in given.items() if v is not None]
+    if names:
+        raise ValueError(f"{owner}: {', '.join(names)} {why}; {fix}")

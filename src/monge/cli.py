@@ -4,8 +4,8 @@
     monge demo [--out-dir DIR] [--n N]
     monge --version
 
-Exit status: 0 when the solver converged, 1 when it did not (results are still written),
-2 for bad input (one line `monge: error: ...` on stderr, never a traceback).
+Exit status: 0 when the solver converged (to a finite cost), 1 when it did not (the
+status message says why; results are still written), 2 for bad input (one line `monge: error: ...` on stderr, never a traceback).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ PLAN_SAVE_LIMIT = 25_000_000
 PROGRESS_LIMIT = 1_000_000
 """Above this `n * m`, the solver reports its progress on stderr without `--progress`."""
 _TEXT_SUFFIXES = {".csv": ",", ".txt": None}
+PLOT_INSTALL = 'run `pip install matplotlib` (or `pip install -e ".[plot]"` in a clone of monge)'
+"""How to install what `--plot` needs; monge is not on PyPI, so no `monge[plot]`."""
 
 
 class CLIError(Exception):
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("target", metavar="TARGET", help="target points (.npy, .csv, .txt)")
     _add_solver_options(solve)
     solve.add_argument("--out", metavar="FILE.npz", type=Path,
-                       help="write f, g, plan, cost, ... to an .npz")
+                       help="write f, g, plan, cost, ... to an .npz (errors: the error "
+                       "after each block of 10 iterations run)")
     solve.add_argument("--plot", metavar="FILE.png", type=Path, help="draw the matching into a PNG")
 
     demo = commands.add_parser(
@@ -114,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_solver_options(parser: argparse.ArgumentParser) -> None:
     epsilon = _number("the entropic regularisation, e.g. 0.01")
     tau = _number("1 is balanced, less relaxes the marginal", 1.0)
-    threshold = _number("the marginal error to stop at, e.g. 1e-3")
+    threshold = _number("the marginal error (optimality residual if unbalanced) to stop "
+                        "at, e.g. 1e-3")
     parser.add_argument("--epsilon", metavar="E", type=epsilon, default=None,
                         help="entropic regularisation (default: 0.05 x mean cost)")
     parser.add_argument("--cost", choices=COSTS, default="sqeuclidean",
@@ -123,7 +127,8 @@ def _add_solver_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, metavar="T", type=tau, default=1.0,
                             help=f"{side} marginal relaxation in (0, 1] (default: 1)")
     parser.add_argument("--threshold", metavar="T", type=threshold, default=1e-3,
-                        help="stop when the marginal error is below this (default: 1e-3)")
+                        help="stop when the L1 marginal error (with tau < 1: the optimality "
+                        "residual) is below this (default: 1e-3)")
     parser.add_argument("--max-iterations", metavar="N", type=_integer(1), default=2000,
                         help="iteration budget (default: 2000)")
     parser.add_argument("--progress", action="store_true",
@@ -284,10 +289,25 @@ def _scalar(value: Any) -> Any:
     return np.asarray(value).reshape(-1)[0].item()
 
 
+def succeeded(sol: Any) -> bool:
+    """Whether to exit 0: the solver converged and its costs are finite numbers (a
+    non-finite cost is never reported as a success, whatever the solver says)."""
+    values = (sol.converged, sol.cost, sol.reg_cost)
+    converged, cost, reg_cost = (_scalar(v) for v in values)
+    return bool(converged) and math.isfinite(cost) and math.isfinite(reg_cost)
+
+
 def report(x: np.ndarray, y: np.ndarray, sol: Any, args: argparse.Namespace) -> str:
-    """The text report printed by `monge solve` and `monge demo`."""
+    r"""The text report printed by `monge solve` and `monge demo`.
+
+    The error row is the solver's stopping measure: the L1 marginal error
+    $\|P\mathbf 1 - a\|_1$ for balanced OT; with `--tau-a`/`--tau-b` < 1 the marginals
+    are not constraints, and it is the L1 optimality residual $\|a e^{-f/\rho_a} -
+    P\mathbf 1\|_1$ (zero at the optimum), labelled so."""
     converged = bool(_scalar(sol.converged))
     final = float(_scalar(sol.error))
+    balanced = (args.tau_a, args.tau_b) == (1.0, 1.0)
+    error_name = "marginal error" if balanced else "optimality residual"
     how = "given" if args.epsilon is not None else "default: 0.05 x mean cost"
     rows = [
         ("points", f"{x.shape[0]} source, {y.shape[0]} target, dimension {x.shape[1]}"),
@@ -297,9 +317,13 @@ def report(x: np.ndarray, y: np.ndarray, sol: Any, args: argparse.Namespace) -> 
         ("transport cost", f"{_scalar(sol.cost):.6g}  <C, P>"),
         ("regularised cost", f"{_scalar(sol.reg_cost):.6g}"),
         ("converged", f"{'yes' if converged else 'no'} after {_scalar(sol.n_iters)} iterations"),
-        ("marginal error", f"{final:.3g} (threshold {args.threshold:g})"),
+        (error_name, f"{final:.3g} (threshold {args.threshold:g})"
+                     + ("" if balanced else "; L1, of the unbalanced optimality conditions")),
         ("status", str(sol.message)),
     ]
+    if converged and not succeeded(sol):
+        rows.append(("warning", "the solver reported convergence but the cost is not a "
+                                "finite number: the result is not usable (exit status 1)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -317,7 +341,7 @@ def _write_outputs(x, y, sol, out: Path | None, plot: Path | None) -> list[str]:
             "f": np.asarray(sol.f), "g": np.asarray(sol.g),
             "cost": np.asarray(sol.cost), "reg_cost": np.asarray(sol.reg_cost),
             "epsilon": np.asarray(sol.epsilon), "converged": np.asarray(sol.converged),
-            "n_iters": np.asarray(sol.n_iters), "errors": np.asarray(sol.errors),
+            "n_iters": np.asarray(sol.n_iters), "errors": blocks_run(sol.errors),
         }
         if n * m <= PLAN_SAVE_LIMIT:
             arrays["plan"] = np.asarray(sol.plan)
@@ -341,14 +365,39 @@ def _write_outputs(x, y, sol, out: Path | None, plot: Path | None) -> list[str]:
     return notes
 
 
+def blocks_run(errors: Any) -> np.ndarray:
+    """The solver's error after each block of iterations that ran: `sol.errors` without
+    the -1 entries of the blocks the solver never reached (the array has one slot per
+    possible block, `max_iterations / inner_iterations`)."""
+    errors = np.asarray(errors)
+    return errors[errors != -1]
+
+
+def _check_plot(path: Path | None) -> None:
+    """Before solving: matplotlib is importable and draws the format of `path`."""
+    if path is None:
+        return
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise CLIError(f"--plot {path}: drawing needs matplotlib, which is not installed: "
+                       f"{PLOT_INSTALL}, or drop --plot") from None
+    suffix = path.suffix.lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise CLIError(f"--plot {path}: matplotlib cannot write '.{suffix}' images: use "
+                       f"one of {', '.join('.' + name for name in sorted(formats))}")
+
+
 def _run(x, y, args, out: Path | None, plot: Path | None) -> int:
     _check_writable(out, "--out")
     _check_writable(plot, "--plot")
+    _check_plot(plot)
     sol = _solve(x, y, args)
     print(report(x, y, sol, args))
     for note in _write_outputs(x, y, sol, out, plot):
         print(note)
-    return 0 if bool(_scalar(sol.converged)) else 1
+    return 0 if succeeded(sol) else 1
 
 
 def _command_solve(args: argparse.Namespace) -> int:

@@ -33,6 +33,17 @@ def _is_zero(epsilon) -> bool:
 def _dispatch(geom: AbstractGeometry, a, b, epsilon, tau_a, tau_b, mass, threshold,
               max_iterations, implicit_diff, progress, throw, init=None) -> Solution | PlanSolution:
     exact = _is_zero(epsilon)
+    if exact:
+        kind = "exact OT (epsilon=0)" if mass is None else "exact partial OT (epsilon=0, mass=...)"
+        _checks.reject_unused(
+            kind[0].upper() + kind[1:], {"threshold": threshold},
+            "has no effect: the network simplex solves the linear programme exactly and "
+            "has no stopping tolerance",
+            "drop `threshold` (use max_iterations to bound the pivots), or pass epsilon > 0 "
+            "for entropic OT.",
+        )
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLD
     if exact or mass is not None:
         online = getattr(geom, "online", None)
         ignored = [name for name, used in (("implicit_diff=False", not implicit_diff),
@@ -99,6 +110,11 @@ def centred(x, y, cost):
     return x - origin, y - origin, jnp.asarray(origin, jnp.float32)
 
 
+#: `threshold` when not given: an L1 marginal error of 0.1 % of the mass, below what
+#: is visible in a plan and well above float32 rounding (about 1e-6 per unit of mass).
+DEFAULT_THRESHOLD = 1e-3
+
+
 def _is_one(tau) -> bool:
     value = _checks.concrete(tau)
     return value is None or bool(np.all(value == 1))
@@ -115,7 +131,7 @@ def solve(
     tau_a=1.0,
     tau_b=1.0,
     mass=None,
-    threshold=1e-3,
+    threshold=None,
     max_iterations: int | None = None,
     online: bool | None = None,
     implicit_diff: bool = True,
@@ -129,7 +145,7 @@ def solve(
     penalties on the marginals when `tau_a` or `tau_b` < 1) with $C_{ij} = c(x_i, y_j)$,
     by log-domain Sinkhorn. With `epsilon=0`, solves the exact problem
     $\min_{P\mathbf 1 = a, P^\top\mathbf 1 = b} \langle C, P\rangle$ by the network
-    simplex (`monge.solvers.exact.Exact`, needs POT: ``pip install "monge[exact]"``).
+    simplex (`monge.solvers.exact.Exact`, needs POT: ``pip install pot``).
     With `mass=m`, transports only the mass $m$ (partial OT, `monge.solvers.partial`):
     exactly when `epsilon=0`, else with the entropy $\varepsilon\sum P\log P$.
 
@@ -159,9 +175,10 @@ def solve(
             $\rho$. Exact and partial OT need 1.
         mass: if given, the mass $m \in (0, \min(\sum a, \sum b)]$ to transport
             (partial OT; the masses of `a` and `b` may then differ).
-        threshold: stop when the L1 marginal error is below it (default 1e-3); for
-            partial entropic OT, its optimality residual relative to the mass. Unused by
-            exact OT.
+        threshold: stop when the L1 marginal error is below it (default None: 1e-3,
+            `DEFAULT_THRESHOLD`); for unbalanced OT (tau < 1) the L1 optimality
+            residual, for partial entropic OT its optimality residual relative to the
+            mass. Exact OT (`epsilon=0`) has no tolerance: passing it there is an error.
         max_iterations: iteration budget: Sinkhorn iterations (default 2000, rounded
             up to a multiple of 10), network simplex pivots when `epsilon=0` (default
             $10^7$), partial entropic sweeps (default 10 000).
@@ -184,10 +201,15 @@ def solve(
         `n_iters`, `error`, `status`).
 
     Raises:
-        ValueError: for inputs of the wrong shape, NaN/inf values, negative weights,
+        ValueError: for inputs of the wrong shape, empty clouds, d = 0, complex or
+            non-numeric arrays, NaN/inf values (when concrete; under `jit` the values
+            cannot be read, and a solve on non-finite points or costs returns
+            `status` DIVERGED instead), negative weights,
             unequal masses in a balanced problem, epsilon < 0, tau outside (0, 1], tau
             < 1 with epsilon=0 or with `mass`, `mass` outside $(0, \min(\sum a, \sum
-            b)]$.
+            b)]$, and options the chosen solver would ignore (`threshold` with
+            `epsilon=0`; `online`, `progress` or `implicit_diff=False` with `epsilon=0`
+            or `mass`).
         ImportError: `epsilon=0` without POT installed.
 
     Example:
@@ -216,7 +238,7 @@ def solve_matrix(
     tau_a=1.0,
     tau_b=1.0,
     mass=None,
-    threshold=1e-3,
+    threshold=None,
     max_iterations: int | None = None,
     implicit_diff: bool = True,
     progress: bool = False,

@@ -20,6 +20,7 @@ sums over $j$ and returns one value per row $i$; `axis=0` sums over $i$.
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Callable
 
 import equinox as eqx
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from monge import _checks
 from monge.costs import AbstractCost, SqEuclidean, as_cost
 
 __all__ = [
@@ -321,11 +323,7 @@ def as_float_array(z) -> Array:
 
 
 def _check_matrix(C) -> None:
-    if getattr(C, "ndim", None) != 2:
-        raise ValueError(
-            f"A cost matrix must be 2-D, of shape (n, m); received shape "
-            f"{getattr(C, 'shape', type(C).__name__)}."
-        )
+    _checks.check_nonempty_matrix("C", C)
 
 
 class CostMatrix(AbstractGeometry):
@@ -338,7 +336,7 @@ class CostMatrix(AbstractGeometry):
         (2, 2)
     """
 
-    C: Float[Array, "n m"] = eqx.field(converter=as_float_array)
+    C: Float[Array, "n m"] = eqx.field(converter=functools.partial(_checks.as_real_array, "C"))
 
     def __check_init__(self):
         _check_matrix(self.C)
@@ -393,8 +391,8 @@ class PointCloud(AbstractGeometry):
         Array(2., dtype=float32)
     """
 
-    x: Float[Array, "n d"] = eqx.field(converter=as_float_array)
-    y: Float[Array, "m d"] = eqx.field(converter=as_float_array)
+    x: Float[Array, "n d"] = eqx.field(converter=functools.partial(_checks.as_real_array, "x"))
+    y: Float[Array, "m d"] = eqx.field(converter=functools.partial(_checks.as_real_array, "y"))
     cost: AbstractCost = eqx.field(default_factory=SqEuclidean, converter=as_cost)
     online: bool | None = eqx.field(default=None, static=True)
     chunk_size: int | None = eqx.field(default=None, static=True)
@@ -402,12 +400,8 @@ class PointCloud(AbstractGeometry):
 
     def __check_init__(self):
         for name, z in (("x", self.x), ("y", self.y)):
-            if z.ndim != 2:
-                hint = " Use z.reshape(-1, 1) for points on a line." if z.ndim == 1 else ""
-                raise ValueError(
-                    f"`{name}` must be a 2-D array of points, shape (n, d); received shape "
-                    f"{tuple(z.shape)}.{hint}"
-                )
+            _checks.check_cloud(name, z)
+            _checks.check_points(name, z)
         if self.x.shape[1] != self.y.shape[1]:
             raise ValueError(
                 f"`x` and `y` must have the same dimension d; received x of shape "
@@ -418,6 +412,17 @@ class PointCloud(AbstractGeometry):
         ):
             raise ValueError(
                 f"`chunk_size` must be a positive integer; received {self.chunk_size!r}."
+            )
+        n, m = self.shape
+        if self.chunk_size is not None and (
+            self.online is False or (self.online is None and n * m <= ONLINE_ABOVE)
+        ):
+            mode = ("online=False" if self.online is False else
+                    f"online=None with n*m = {n * m} <= ONLINE_ABOVE = {ONLINE_ABOVE}")
+            raise ValueError(
+                f"`chunk_size={self.chunk_size!r}` has no effect: the cost matrix is stored "
+                f"({mode}), and `chunk_size` only sets the block size of online mode. Pass "
+                "online=True to compute the cost in blocks, or drop chunk_size."
             )
 
     @property
@@ -440,6 +445,12 @@ class PointCloud(AbstractGeometry):
             return n * m > ONLINE_ABOVE
         return self.online and (self._chunk(n, m) < n or self._chunk(m, n) < m)
 
+    def blocking(self) -> dict:
+        """`online` and `chunk_size` for a point cloud of other points built like this one
+        (a given `chunk_size` implies online mode, whatever the new shape)."""
+        online = True if self.chunk_size is not None else self.online
+        return {"online": online, "chunk_size": self.chunk_size}
+
     def _chunk(self, n_lines: int, n_others: int) -> int:
         """Lines per block when blocks are made of `n_lines` lines of length `n_others`."""
         return min(self.chunk_size or max(1, _BLOCK_ENTRIES // max(n_others, 1)), n_lines)
@@ -460,7 +471,7 @@ class PointCloud(AbstractGeometry):
         return self.origin
 
     def with_supports(self, x, y):
-        return PointCloud(x, y, self.cost, online=self.online, chunk_size=self.chunk_size)
+        return PointCloud(x, y, self.cost, **self.blocking())
 
     def apply_cost(self, v, axis):
         fast = self.cost.apply_all_pairs(self.x, self.y, v, axis)

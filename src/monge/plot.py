@@ -2,7 +2,7 @@
 
 `plot_matching` draws the two clouds and the strongest couplings on a matplotlib Axes;
 `save_matching` writes the same picture to a file. matplotlib is imported only when
-these functions run (install it with `pip install "monge[plot]"`), and figures created
+these functions run (install it with `pip install matplotlib`, or `pip install -e ".[plot]"` in a clone of monge), and figures created
 here use the non-interactive Agg canvas, so nothing here touches pyplot's global state
 or needs a display.
 """
@@ -35,7 +35,7 @@ def _import_matplotlib() -> Any:
     except ImportError as error:
         raise ImportError(
             "monge.plot needs matplotlib, which is not installed: run "
-            '`pip install "monge[plot]"` (or `pip install matplotlib`).'
+            '`pip install matplotlib` (or `pip install -e ".[plot]"` in a clone of monge).'
         ) from error
     del matplotlib
     return Figure, FigureCanvasAgg, LineCollection

@@ -132,8 +132,8 @@ def checked_marginals(geom: AbstractGeometry, a, b) -> tuple[Array, Array]:
         _checks.check_points("y", geom.y)
     elif isinstance(geom, CostMatrix):
         _checks.check_costs("C", geom.C)
-    a = jnp.full((n,), 1.0 / n, geom.dtype) if a is None else as_float_array(a)
-    b = jnp.full((m,), 1.0 / m, geom.dtype) if b is None else as_float_array(b)
+    a = jnp.full((n,), 1.0 / n, geom.dtype) if a is None else _checks.as_real_array("a", a)
+    b = jnp.full((m,), 1.0 / m, geom.dtype) if b is None else _checks.as_real_array("b", b)
     _checks.check_weights("a", a, n, "the source (rows)")
     _checks.check_weights("b", b, m, "the target (columns)")
     if isinstance(geom, CostMatrix):

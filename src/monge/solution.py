@@ -77,6 +77,35 @@ def check_apply(v, axis: int, shape: tuple[int, int]) -> Array:
     return v
 
 
+def batch_depth(sol) -> int:
+    """How many `jax.vmap` levels `sol` was returned through: the rank of its
+    potential `f` (shape `(n,)` for one problem) minus 1. `f` is always batched by
+    `vmap` (outputs of `out_axes=0` get the batch axis even when they do not depend on
+    the batched input), so this is not fooled when the batch size equals n or m."""
+    return max(jnp.ndim(sol.f) - 1, 0)
+
+
+def over_batch(sol, fn):
+    """`fn(sol)` for a solution of one problem, or stacked over a vmapped batch (one
+    `eqx.filter_vmap` per level: every array leaf of a vmapped output has the axis)."""
+    for _ in range(batch_depth(sol)):
+        fn = eqx.filter_vmap(fn)
+    return fn(sol)
+
+
+def reject_batch(sol, what: str) -> None:
+    """`ValueError` for an operation whose argument makes a batch ambiguous."""
+    depth = batch_depth(sol)
+    if depth:
+        shape = tuple(jnp.shape(sol.f)[:depth])
+        size = shape[0] if depth == 1 else " x ".join(map(str, shape))
+        raise ValueError(
+            f"this Solution holds a batch of {size} problems (from jax.vmap); evaluate "
+            f".{what} inside the vmapped function or index one problem: "
+            "jax.tree_util.tree_map(lambda z: z[i], sol)."
+        )
+
+
 def safe_log(w: Array) -> Array:
     """`log(w)` with `-inf` (and a zero gradient) where `w == 0`."""
     positive = w > 0
@@ -97,9 +126,13 @@ class Solution(eqx.Module):
         converged: whether the final error is below the threshold.
         status: a `Status` code; `message` is its text.
 
-    A `Solution` returned by `jax.vmap` holds batched arrays: read its fields directly,
-    but evaluate computed properties (`plan`, `cost`, `apply`, `transport`) inside the
-    vmapped function.
+    A `Solution` returned by `jax.vmap` holds batched arrays (a batch of B problems:
+    `f` of shape `(B, n)`, detected by that rank). Its fields read directly; `plan`,
+    `cost`, `reg_cost` and `marginals()` are computed problem by problem and stacked
+    (`(B, n, m)`, `(B,)`, ...); `apply(v)` and `transport(z)`, whose argument could be
+    one for all problems or one per problem, raise a `ValueError`: call them inside
+    the vmapped function, or on one problem, `jax.tree_util.tree_map(lambda z: z[i],
+    sol)`.
     """
 
     problem: LinearProblem
@@ -124,6 +157,8 @@ class Solution(eqx.Module):
     @property
     def plan(self) -> Float[Array, "n m"]:
         """The dense coupling $P$, materialised (memory $nm$): prefer `apply`."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.plan)
         p = self.problem
         return p.geom.plan(self.f, self.g, self.epsilon, p.a, p.b)
 
@@ -133,6 +168,7 @@ class Solution(eqx.Module):
         `axis=0` sums over the source: $P^\top v$ with `v` of shape `(n,)` or `(n, k)`;
         `axis=1` sums over the target: $P v$ with `v` of shape `(m,)` or `(m, k)`.
         """
+        reject_batch(self, "apply(v)")
         v = check_apply(v, axis, self.problem.geom.shape)
         log_a, log_b = self._log_ab()
         eps = self.epsilon
@@ -146,6 +182,8 @@ class Solution(eqx.Module):
 
     def marginals(self) -> tuple[Array, Array]:
         """$(P\\mathbf 1, P^\\top \\mathbf 1)$: the coupling's two marginals."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.marginals())
         n, m = self.problem.geom.shape
         dtype = self.f.dtype
         return self.apply(jnp.ones((m,), dtype), axis=1), self.apply(jnp.ones((n,), dtype), axis=0)
@@ -154,6 +192,8 @@ class Solution(eqx.Module):
     @property
     def cost(self) -> Float[Array, ""]:
         r"""$\langle C, P\rangle$, the transport cost of the coupling (no entropy)."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.cost)
         log_a, log_b = self._log_ab()
         eps = self.epsilon
         h = self.g + eps * log_b
@@ -179,6 +219,8 @@ class Solution(eqx.Module):
         \varepsilon\mathrm{KL}(P\|ab^\top) + \rho_a\mathrm{KL}(P\mathbf 1\|a) +
         \rho_b\mathrm{KL}(P^\top\mathbf 1\|b)$.
         """
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.reg_cost)
         p = self.problem
         eps = self.epsilon
         mass = jnp.sum(self.marginals()[0])
@@ -198,6 +240,7 @@ class Solution(eqx.Module):
         $\sum_j p_j(z) y_j$, $p_j(z) \propto b_j e^{(g_j - \|z - y_j\|^2)/\varepsilon}$.
         Only for point-cloud problems.
         """
+        reject_batch(self, "transport(z)")
         geom = self.problem.geom
         if geom.supports is None:
             raise ValueError(
@@ -268,15 +311,20 @@ class PlanSolution(eqx.Module):
 
     @property
     def cost(self) -> Float[Array, ""]:
-        r"""$\langle C, P\rangle$."""
+        r"""$\langle C, P\rangle$ (stacked, `(B,)`, for a vmapped batch)."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.cost)
         C = self.problem.geom.cost_matrix()
         return jnp.sum(jnp.where(self.plan > 0, self.plan * C, 0.0))  # forbidden: 0 * inf
 
     def apply(self, v: Array, axis: int = 0) -> Array:
         r"""`axis=0`: $P^\top v$; `axis=1`: $P v$ (as `Solution.apply`)."""
+        reject_batch(self, "apply(v)")
         v = check_apply(v, axis, self.problem.geom.shape)
         return self.plan.T @ v if axis == 0 else self.plan @ v
 
     def marginals(self) -> tuple[Array, Array]:
-        r"""$(P\mathbf 1, P^\top \mathbf 1)$."""
+        r"""$(P\mathbf 1, P^\top \mathbf 1)$ (stacked for a vmapped batch)."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.marginals())
         return jnp.sum(self.plan, axis=1), jnp.sum(self.plan, axis=0)

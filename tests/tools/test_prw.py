@@ -160,8 +160,8 @@ def test_new_numbers_do_not_recompile(cube):
         (dict(step_size=-1.0), r"step_size=...\)` must be a positive finite scalar"),
         (dict(a=np.ones(11)), r"a=...\)` has shape \(11,\) but x has 7 points"),
         (dict(b=-np.ones(11)), r"b=...\)` has negative or NaN entries"),
-        (dict(init=np.ones((3, 1))), r"init=...\)` must have shape \(d, k\) = \(3, 2\)"),
-        (dict(init=np.ones((3, 2))), r"init=...\)` must have orthonormal columns"),
+        (dict(init=np.ones((3, 1)), key=None), r"init=...\)` must have shape \(d, k\) = \(3, 2\)"),
+        (dict(init=np.ones((3, 2)), key=None), r"init=...\)` must have orthonormal columns"),
     ],
 )
 def test_bad_input_raises(kwargs, match):

@@ -7,8 +7,8 @@ Four backends, chosen by `Exact(method=...)`:
 
 - ``"network_simplex"`` (default): POT's compiled network simplex (Bonneel et al.,
   2011) on the host, in float64, through `jax.pure_callback`. Exact; CPU host work
-  (on an accelerator the matrix is copied to the host). Needs POT: ``pip install
-  "monge[exact]"``.
+  (on an accelerator the matrix is copied to the host). Needs POT: ``pip install pot``
+  (or ``pip install -e ".[exact]"`` in a clone of monge).
 - ``"assignment"``: for $n = m$ and uniform weights, scipy's
   `linear_sum_assignment` (Crouse, 2016) on the host; the duals are the shortest-path
   distances of the residual graph (Bellman-Ford). Exact. Faster than the network
@@ -89,7 +89,8 @@ _DEFAULT_ITERATIONS = {
     "sinkhorn_rounding": 10_000,
     "auction": 1_000_000,
 }
-_INSTALL = 'pip install "monge[exact]"'
+#: How to install the host methods' libraries (monge is not on PyPI: no "monge[exact]").
+_INSTALL = 'pip install pot scipy (or pip install -e ".[exact]" in a clone of monge)'
 
 
 def _optional_float(z):
@@ -128,19 +129,21 @@ class Exact(eqx.Module):
             ``"auction"`` (pure JAX, $n = m$ and uniform weights, certified to the
             precision of the dtype). Static.
         max_iterations: network simplex pivots (default $10^7$), Sinkhorn iterations
-            (default $10^4$) or auction bidding rounds (default $10^6$); unused by
-            ``"assignment"``. Static.
+            (default $10^4$) or auction bidding rounds (default $10^6$); an error
+            with ``"assignment"``, which has no budget. Static.
         threshold: ``"sinkhorn_rounding"`` and ``"auction"``: stop once the certified
             relative duality gap `error` is below this. None (default) is $10^{-3}$
             for ``"sinkhorn_rounding"``, and for ``"auction"`` the larger of
             $10^{-12}$ and 100 machine epsilons of the cost's dtype ($10^{-12}$ in
-            float64, $1.2 \times 10^{-5}$ in float32). Traced.
+            float64, $1.2 \times 10^{-5}$ in float32). Traced. An error with the host
+            methods, which are exact and would ignore it.
         epsilon: ``"sinkhorn_rounding"`` only: the final entropic regularisation,
             relative to the mean cost $\bar c = a^\top |C| b / (\sum a \sum b)$
             (default $10^{-3}$; it starts at $\bar c$ and decays by `epsilon_decay`
             per iteration). Smaller is more accurate but needs more iterations; in
-            float32 keep it above ~$10^{-4}$. Traced.
-        epsilon_decay: per-iteration factor of the $\varepsilon$ schedule, in (0, 1).
+            float32 keep it above ~$10^{-4}$. Traced. An error with other methods.
+        epsilon_decay: per-iteration factor of the $\varepsilon$ schedule, in (0, 1);
+            None is 0.97 (``"sinkhorn_rounding"`` only, an error with other methods).
 
     `__call__(problem, throw=False)` returns a `PlanSolution`: `plan`, dual potentials
     `f`, `g` (dual feasible: $f_i + g_j \le C_{ij}$, with equality on the support of
@@ -191,9 +194,35 @@ class Exact(eqx.Module):
         method: str = "network_simplex",
         max_iterations: int | None = None,
         threshold: float | None = None,
-        epsilon: float = 1e-3,
-        epsilon_decay: float = 0.97,
+        epsilon: float | None = None,
+        epsilon_decay: float | None = None,
     ):
+        # Options a method would ignore are errors (a user would believe they took
+        # effect): the host methods solve the LP exactly, only Sinkhorn rounding has an
+        # epsilon schedule, and the assignment has no iteration budget.
+        owner = f"Exact(method={method!r})"
+        if method not in METHODS:  # `__check_init__` says which methods exist
+            pass
+        elif method in _HOST:
+            _checks.reject_unused(
+                owner, {"threshold": threshold},
+                "has no effect: the method is exact and has no stopping tolerance (its "
+                "`error` is reported, not compared with a threshold)",
+                "drop it, or use method='sinkhorn_rounding' or 'auction' for a certified "
+                "approximation that stops at `threshold`.",
+            )
+        if method in METHODS and method != "sinkhorn_rounding":
+            _checks.reject_unused(
+                owner, {"epsilon": epsilon, "epsilon_decay": epsilon_decay},
+                "has no effect: only method='sinkhorn_rounding' has an entropic schedule",
+                "drop it, or use method='sinkhorn_rounding'.",
+            )
+        if method == "assignment":
+            _checks.reject_unused(
+                owner, {"max_iterations": max_iterations},
+                "has no effect: scipy's linear_sum_assignment has no iteration budget",
+                "drop it.",
+            )
         self.method = method
         self.max_iterations = max_iterations
         # None is the method's default; the auction's depends on the dtype, so it stays
@@ -201,8 +230,8 @@ class Exact(eqx.Module):
         if threshold is None and method != "auction":
             threshold = 1e-3
         self.threshold = threshold
-        self.epsilon = epsilon
-        self.epsilon_decay = epsilon_decay
+        self.epsilon = 1e-3 if epsilon is None else epsilon
+        self.epsilon_decay = 0.97 if epsilon_decay is None else epsilon_decay
 
     def __check_init__(self):
         if self.method not in METHODS:

@@ -35,6 +35,14 @@ from monge.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint
 
 __all__ = ["Sinkhorn", "SEQUENTIAL_ABOVE", "ANDERSON_MEMORY", "warm_start"]
 
+#: Default factor of `anneal_decay` (epsilon per block while annealing).
+ANNEAL_DECAY = 0.5
+
+
+def _optional_float(z):
+    return None if z is None else as_float_array(z)
+
+
 #: Blocks remembered by `acceleration="anderson"`.
 ANDERSON_MEMORY = 5
 
@@ -75,7 +83,11 @@ class Sinkhorn(driver.AbstractIterativeSolver):
             default decay), and saves iterations below it. The fixed point, hence the
             implicit gradient, is the same. Static; `errors` records the error at the
             epsilon of each block.
-        anneal_decay: factor in (0, 1) per block of `inner_iterations`; traced.
+        anneal_decay: factor in (0, 1) per block of `inner_iterations`; traced. None
+            (default) is `ANNEAL_DECAY` = 0.5: halving epsilon per block keeps each
+            block's start within a few iterations of its fixed point. Giving it with
+            `anneal=False` or `initializer="sorting"` (which skips annealing) is an
+            error, since it would be ignored.
         initializer: the start $f_0$ (Thornton & Cuturi, 2022; see
             `monge.solvers.initializers`); $g_0$ comes from one update, and the fixed
             point, hence the implicit gradient, is the same for every start.
@@ -116,9 +128,23 @@ class Sinkhorn(driver.AbstractIterativeSolver):
     progress: bool = eqx.field(default=False, static=True)
     mode: str = eqx.field(default="auto", static=True)
     anneal: bool = eqx.field(default=True, static=True)
-    anneal_decay: float = eqx.field(default=0.5, converter=as_float_array)
+    anneal_decay: float | None = eqx.field(default=None, converter=_optional_float)
     initializer: str = eqx.field(default="auto", static=True)
     acceleration: str | None = eqx.field(default="relaxation", static=True)
+
+    def __post_init__(self):
+        # `anneal_decay` is None unless given: reject it where it would be ignored,
+        # then resolve it (the loop reads a number)
+        if self.anneal_decay is not None and (not self.anneal or self.initializer == "sorting"):
+            why = ("with anneal=False" if not self.anneal else
+                   "with initializer='sorting', which starts at the exact potential and "
+                   "skips annealing")
+            raise ValueError(
+                f"`anneal_decay={_checks.concrete(self.anneal_decay)!r}` has no effect {why}; "
+                "drop it, or use anneal=True (and another initializer) to anneal."
+            )
+        if self.anneal_decay is None:
+            self.anneal_decay = as_float_array(ANNEAL_DECAY)
 
     def __check_init__(self):
         initializers.check_name(self.initializer)

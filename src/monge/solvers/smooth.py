@@ -78,6 +78,9 @@ FORMULATIONS = ("dual", "semi_dual")
 #: How `SmoothOT` maximises them.
 METHODS = ("newton", "lbfgs")
 
+#: Default L-BFGS memory (correction pairs) of `SmoothOT` and `SparseOT`.
+LBFGS_MEMORY = 10
+
 
 # -- the inner maximisation: plan columns from dual variables ---------------------------
 def _scatter_columns(values: Array, idx: Array, n: int) -> Array:
@@ -544,7 +547,9 @@ class SmoothOT(eqx.Module):
             reports `MAX_ITERATIONS`.
         max_iterations: at most this many iterations (Newton steps, over all the
             continuation stages, or L-BFGS steps); static.
-        memory_size: number of L-BFGS correction pairs (`method="lbfgs"` only); static.
+        memory_size: number of L-BFGS correction pairs (`method="lbfgs"` only: an error
+            with Newton, which would ignore it); None (default) is `LBFGS_MEMORY` = 10,
+            optax's default, enough curvature pairs for the smooth dual. Static.
         method: `"newton"` (default: semismooth Newton with conjugate gradients and
             continuation in $\gamma$; tens of steps) or `"lbfgs"` (optax's L-BFGS;
             hundreds of steps, and in float32 it can stall above `threshold` for
@@ -581,18 +586,30 @@ class SmoothOT(eqx.Module):
     formulation: str = eqx.field(default="semi_dual", static=True)
     threshold: Float[Array, ""] = eqx.field(default=1e-4, converter=as_float_array)
     max_iterations: int = eqx.field(default=500, static=True)
-    memory_size: int = eqx.field(default=10, static=True)
+    memory_size: int | None = eqx.field(default=None, static=True)
     method: str = eqx.field(default="newton", static=True)
 
     def __check_init__(self):
         check_options(
             "SmoothOT", self.gamma, self.formulation, self.threshold, self.max_iterations,
-            self.memory_size,
+            self.lbfgs_memory,
         )
         if self.method not in METHODS:
             raise ValueError(
                 f"`SmoothOT(method=...)` must be 'newton' or 'lbfgs'; received {self.method!r}."
             )
+        if self.method == "newton":
+            _checks.reject_unused(
+                "SmoothOT(method='newton')", {"memory_size": self.memory_size},
+                "has no effect: it is the number of L-BFGS correction pairs, and Newton's "
+                "method stores none",
+                "drop it, or pass method='lbfgs'.",
+            )
+
+    @property
+    def lbfgs_memory(self) -> int:
+        """The L-BFGS memory used: `memory_size`, or `LBFGS_MEMORY` when None."""
+        return LBFGS_MEMORY if self.memory_size is None else self.memory_size
 
     def __call__(self, problem: LinearProblem, *, throw: bool = False) -> PlanSolution:
         """Solve `problem`. With `throw=True`, a run that does not converge raises an
@@ -601,6 +618,6 @@ class SmoothOT(eqx.Module):
         return solve_quadratic(
             problem, self.gamma, self.threshold, formulation=self.formulation, k=None,
             method=self.method, max_iterations=self.max_iterations,
-            memory_size=self.memory_size,
+            memory_size=self.lbfgs_memory,
             throw=throw, name="SmoothOT",
         )

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from monge import _checks
 from monge._checks import concrete
 from monge.front import solve
 from monge.solution import Solution
@@ -140,6 +141,11 @@ def _initial_basis(init, key, d: int, k: int, dtype) -> Array:
                 f"`monge.{_FN}(key=...)` is required to draw a random starting subspace: "
                 "pass e.g. key=jax.random.key(0), or your own `init` basis.")
         return _retract(jnp.zeros((d, k), dtype), jax.random.normal(key, (d, k), dtype))
+    if key is not None:
+        raise ValueError(
+            f"`monge.{_FN}` got both `key` and `init`: `key` only draws a random start, "
+            "which `init` replaces; pass one of them.")
+    init = _checks.as_real_array("init", init, _FN)
     if np.shape(init) != (d, k):
         raise ValueError(
             f"`monge.{_FN}(init=...)` must have shape (d, k) = ({d}, {k}); received "
@@ -205,7 +211,7 @@ def projection_robust_wasserstein(
     Raises:
         ValueError: `x`/`y` not `(n, d)`/`(m, d)` with the same d; `k` not an int in
             [1, d]; bad weights; `epsilon` or `step_size` not positive; `n_steps` < 1;
-            neither `key` nor `init`; `init` not `(d, k)` with orthonormal columns.
+            neither or both of `key` and `init`; `init` not `(d, k)` with orthonormal columns.
 
     References:
         Lin, Fan, Ho, Cuturi & Jordan, *Projection robust Wasserstein distance and

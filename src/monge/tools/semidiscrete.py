@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from monge import _checks
 from monge._checks import concrete
 from monge.costs import AbstractCost, as_cost
 from monge.tools.univariate import _float_dtype
@@ -184,6 +185,8 @@ def _check_scalar(name: str, value, positive: bool, hint: str) -> None:
 
 
 def _check_target(y, b) -> tuple[Array, Array]:
+    y = _checks.as_real_array("y", y, "semidiscrete")
+    b = None if b is None else _checks.as_real_array("b", b, "semidiscrete")
     if len(np.shape(y)) != 2 or 0 in np.shape(y):
         raise ValueError(
             f"`monge.semidiscrete(y=...)` must be a non-empty (m, d) array of target "

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from monge import _checks
+
 __all__ = ["wasserstein_1d"]
 
 
@@ -50,6 +52,7 @@ def _check_weights(w, n: int, name: str, points: str, fn: str, dtype) -> Array:
     """Checks a weight vector against `n` points; uniform weights if `w` is None."""
     if w is None:
         return jnp.full((n,), 1.0 / n, dtype=dtype)
+    w = _checks.as_real_array(name, w, fn)
     shape = np.shape(w)
     if shape != (n,):
         raise ValueError(
@@ -72,6 +75,8 @@ def _check_weights(w, n: int, name: str, points: str, fn: str, dtype) -> Array:
 def _check_points(u, v, fn: str, names=("u", "v")) -> tuple[Array, Array, bool]:
     """Checks two 1-D supports; returns them as (n, k), (m, k) and whether batched."""
     nu, nv = names
+    u = _checks.as_real_array(nu, u, fn)
+    v = _checks.as_real_array(nv, v, fn)
     su, sv = np.shape(u), np.shape(v)
     for name, shape in ((nu, su), (nv, sv)):
         if len(shape) not in (1, 2):
@@ -88,6 +93,8 @@ def _check_points(u, v, fn: str, names=("u", "v")) -> tuple[Array, Array, bool]:
             f"`monge.{fn}`: {nu} has shape {su} but {nv} has shape {sv}: pass two "
             f"vectors, or an (n, k) and an (m, k) array with the same number k of "
             "columns (one 1-D problem per column).")
+    for name, z in ((nu, u), (nv, v)):
+        _checks.check_points(f"monge.{fn}({name}=...)", z)
     dtype = _float_dtype(u, v)
     u = jnp.asarray(u, dtype=dtype)
     v = jnp.asarray(v, dtype=dtype)
@@ -209,7 +216,10 @@ def _wasserstein_1d_checked(
     p = eqx.error_if(p, ~(p >= 1), "`monge.wasserstein_1d(p=...)` must be >= 1.")
     a = None if a is None else _error_if_bad_weights(a, "a")
     b = None if b is None else _error_if_bad_weights(b, "b")
-    return _wasserstein_1d_rows(u, v, a, b, p)
+    cost = _wasserstein_1d_rows(u, v, a, b, p)
+    # non-finite points (traced, so not checked at the door) give NaN, never a number
+    finite = jnp.all(jnp.isfinite(u), axis=1) & jnp.all(jnp.isfinite(v), axis=1)
+    return jnp.where(finite, cost, jnp.nan)
 
 
 def wasserstein_1d(
@@ -247,8 +257,10 @@ def wasserstein_1d(
     Raises:
         ValueError: wrong number of dimensions, empty input, different column
             counts, weights of the wrong length, negative/NaN/all-zero weights or
-            $p < 1$ (values are checked when concrete; under `jax.jit` the same value
-            checks raise at run time through `equinox.error_if`).
+            $p < 1$, complex or non-numeric arrays, NaN or infinite points (values
+            are checked when concrete; under `jax.jit` the weight and `p` checks raise
+            at run time through `equinox.error_if`, and non-finite points give a NaN
+            result, never a finite number).
 
     References:
         Peyré & Cuturi, *Computational Optimal Transport*, 2019, §2.6.
