@@ -47,6 +47,7 @@ __all__ = [
     "Trace",
     "fixed_point",
     "status_of",
+    "status_from",
     "finish",
 ]
 
@@ -176,10 +177,15 @@ def fixed_point(solver: AbstractIterativeSolver, data, state, *, unrolled: bool 
 
 
 def status_of(trace: Trace, threshold) -> tuple[Bool[Array, ""], Int[Array, ""]]:
-    """`(converged, status)`: converged when the last error is final, finite and at
-    most `threshold`; `DIVERGED` when it is not finite; else `MAX_ITERATIONS`."""
-    error = trace.error
-    converged = trace.final & jnp.isfinite(error) & (error <= threshold)
+    """`(converged, status)` of a run: `status_from(trace.error, ...)`."""
+    return status_from(trace.error, threshold, trace.final)
+
+
+def status_from(error, threshold, final=True) -> tuple[Bool[Array, ""], Int[Array, ""]]:
+    """`(converged, status)`: converged when the error is final, finite and at most
+    `threshold`; `DIVERGED` when it is not finite (NaN included); else
+    `MAX_ITERATIONS`. The one place where an error becomes a status."""
+    converged = final & jnp.isfinite(error) & (error <= threshold)
     status = jnp.where(
         converged,
         Status.CONVERGED,

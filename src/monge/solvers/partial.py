@@ -39,8 +39,10 @@ from jaxtyping import Array, Float
 from monge import _checks
 from monge.geometry import AbstractGeometry, as_float_array
 from monge.problems import checked_marginals, default_epsilon
-from monge.solution import MESSAGES, PlanSolution, Status
+from monge.solution import PlanSolution, Status
+from monge.solvers import driver
 from monge.solvers.exact import Exact, solve_arrays
+from monge.solvers.sinkhorn import warm_start
 
 __all__ = ["PartialProblem", "PartialExact", "PartialSinkhorn"]
 
@@ -130,9 +132,7 @@ def _traced_checks(problem: PartialProblem):
 
 def _finish(problem, plan, f, g, reg_cost, n_iters, error, status, throw):
     converged = status == Status.CONVERGED
-    if throw:
-        messages = tuple(MESSAGES[s] for s in Status)
-        plan = eqx.branched_error_if(plan, status != Status.CONVERGED, status, messages)
+    plan = driver.finish(plan, status, throw)
     return PlanSolution(problem, plan, f, g, reg_cost, n_iters, error, converged, status)
 
 
@@ -192,7 +192,7 @@ def _solve_exact(solver: PartialExact, problem: PartialProblem, throw: bool) -> 
     return _finish(problem, plan[:n, :m], f[:n], g[:m], reg_cost, n_iters, error, status, throw)
 
 
-class PartialSinkhorn(eqx.Module):
+class PartialSinkhorn(driver.AbstractIterativeSolver):
     r"""Entropic partial OT, log-domain block coordinate ascent (Benamou et al., 2015).
 
     Args:
@@ -235,6 +235,45 @@ class PartialSinkhorn(eqx.Module):
     threshold: float = eqx.field(default=1e-4, converter=as_float_array)
     max_iterations: int = eqx.field(default=10_000, static=True)
     inner_iterations: int = eqx.field(default=10, static=True)
+    progress: bool = eqx.field(default=False, static=True)
+
+    @property
+    def error_label(self) -> str:
+        return "optimality residual"
+
+    def init(self, theta, init):
+        """`(f, g, c)`: zeros, or a warm start. Each sweep recomputes `f` from `(g, c)`,
+        so a warm start gives `g`: from a previous solution (whose `g` includes half the
+        mass multiplier, which the first sweeps move back into `c`) or a pair `(f, g)`
+        of potentials (`f` is then only checked for its shape)."""
+        C, a, b, mass, eps = theta
+        zero = jnp.zeros((), C.dtype)
+        g = jnp.zeros_like(b) if init is None else jax.lax.stop_gradient(init[1].astype(b.dtype))
+        return (jnp.zeros_like(a), jnp.minimum(g, 0.0), zero)
+
+    def step(self, theta, state, k):
+        """`inner_iterations` sweeps (rows, columns, mass); error: the residual below."""
+        C, a, b, mass, eps = theta
+        log_a = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), 0.0)
+        log_b = jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1.0)), 0.0)
+        lse = jax.nn.logsumexp
+
+        def sweep(carry, _):
+            f, g, c = carry
+            rows = lse(_log_plan(jnp.zeros_like(f), g, c, C, a, b, eps), axis=1)
+            f = jnp.where(a > 0, jnp.minimum(0.0, eps * (log_a - rows)), 0.0)
+            cols = lse(_log_plan(f, jnp.zeros_like(g), c, C, a, b, eps), axis=0)
+            g = jnp.where(b > 0, jnp.minimum(0.0, eps * (log_b - cols)), 0.0)
+            c = eps * (jnp.log(mass) - lse(_log_plan(f, g, 0.0, C, a, b, eps)))
+            return (f, g, c), None
+
+        (f, g, c), _ = jax.lax.scan(sweep, state, None, self.inner_iterations)
+        P = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
+        r, col = jnp.sum(P, axis=1), jnp.sum(P, axis=0)
+        rows = jnp.where(f < 0, jnp.abs(a - r), jnp.maximum(r - a, 0.0))
+        cols = jnp.where(g < 0, jnp.abs(b - col), jnp.maximum(col - b, 0.0))
+        err = (jnp.sum(rows) + jnp.sum(cols) + jnp.abs(jnp.sum(P) - mass)) / mass
+        return (f, g, c), driver.Block(error=err, n_run=jnp.asarray(self.inner_iterations))
 
     def __check_init__(self):
         for name in ("max_iterations", "inner_iterations"):
@@ -243,7 +282,10 @@ class PartialSinkhorn(eqx.Module):
                 raise ValueError(f"`{name}` must be a positive integer; received {value!r}.")
         _checks.check_positive("threshold", self.threshold, "Typical values: 1e-2 to 1e-8.")
 
-    def __call__(self, problem: PartialProblem, *, throw: bool = False) -> PlanSolution:
+    def __call__(self, problem: PartialProblem, *, init=None, throw: bool = False) -> PlanSolution:
+        """Solve `problem`; `init`: a warm start (a previous solution or potentials
+        `(f, g)`, see `init`); `throw`: raise instead of returning a run that did not
+        converge."""
         _check_problem("PartialSinkhorn", problem)
         ec = None if problem.epsilon is None else _checks.concrete(problem.epsilon)
         if ec is not None and not ec > 0:
@@ -251,22 +293,18 @@ class PartialSinkhorn(eqx.Module):
                 f"`PartialSinkhorn` needs epsilon > 0; received {float(ec)!r}. Use "
                 "PartialExact for epsilon = 0."
             )
-        return _solve_entropic(self, problem, throw)
+        return _solve_entropic(self, problem, warm_start(init, problem.geom.shape), throw)
 
 
 @eqx.filter_jit
-def _solve_entropic(solver: PartialSinkhorn, problem: PartialProblem, throw: bool):
+def _solve_entropic(solver: PartialSinkhorn, problem: PartialProblem, init, throw: bool):
     C = problem.geom.cost_matrix()
     a, b, mass = _traced_checks(problem)
     eps = problem.resolved_epsilon().astype(C.dtype)
     eps = eqx.error_if(eps, ~(eps > 0) | ~jnp.isfinite(eps), "`epsilon` must be positive.")
     theta = (C, a, b, mass, eps)
-    f, g, c, n_iters, error = _dual_optimum(theta, solver)
-    status = jnp.where(
-        error <= solver.threshold,
-        Status.CONVERGED,
-        jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED),
-    ).astype(jnp.int32)
+    f, g, c, n_iters, error = _dual_optimum(theta, solver, init)
+    _, status = driver.status_from(error, solver.threshold)
     # the plan (and so `cost`, `f`, `g`) carries the implicit gradient of (f, g, c);
     # `reg_cost` that of the envelope theorem (its partial derivatives at fixed f, g, c)
     plan = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
@@ -296,21 +334,22 @@ _NOT_UNIQUE = (
 
 
 @eqx.filter_custom_vjp
-def _dual_optimum(theta, solver):
+def _dual_optimum(theta, solver, init):
     """`(f, g, c, n_iters, error)`: the dual optimum of the entropic partial problem,
-    `theta = (C, a, b, mass, eps)`. Its VJP is `_dual_optimum_bwd`."""
-    (f, g, c), n_iters, error = _ascent(solver, *theta)
+    `theta = (C, a, b, mass, eps)`, from the warm start `init` (or zeros). Its VJP is
+    `_dual_optimum_bwd`."""
+    (f, g, c), n_iters, error = _ascent(solver, *theta, init)
     return f, g, c, n_iters, error
 
 
 @_dual_optimum.def_fwd
-def _dual_optimum_fwd(perturbed, theta, solver):
-    (f, g, c), n_iters, error = _ascent(solver, *theta)
+def _dual_optimum_fwd(perturbed, theta, solver, init):
+    (f, g, c), n_iters, error = _ascent(solver, *theta, init)
     return (f, g, c, n_iters, error), (f, g, c)
 
 
 @_dual_optimum.def_bwd
-def _dual_optimum_bwd(residuals, grad_obj, perturbed, theta, solver):
+def _dual_optimum_bwd(residuals, grad_obj, perturbed, theta, solver, init):
     r"""Implicit differentiation of the optimality conditions (Blondel et al., 2022).
 
     The dual $D(f, g, c) = \langle f, a\rangle + \langle g, b\rangle + c m -
@@ -393,39 +432,8 @@ def _log_plan(f, g, c, C, a, b, eps):
     return jnp.where((a[:, None] > 0) & (b[None, :] > 0), s, -jnp.inf)
 
 
-def _ascent(solver: PartialSinkhorn, C, a, b, mass, eps):
-    """Returns `((f, g, c), n_iters, error)`."""
-    log_a = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), 0.0)
-    log_b = jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1.0)), 0.0)
-    lse = jax.nn.logsumexp
-
-    def sweep(carry, _):
-        f, g, c = carry
-        rows = lse(_log_plan(jnp.zeros_like(f), g, c, C, a, b, eps), axis=1)
-        f = jnp.where(a > 0, jnp.minimum(0.0, eps * (log_a - rows)), 0.0)
-        cols = lse(_log_plan(f, jnp.zeros_like(g), c, C, a, b, eps), axis=0)
-        g = jnp.where(b > 0, jnp.minimum(0.0, eps * (log_b - cols)), 0.0)
-        c = eps * (jnp.log(mass) - lse(_log_plan(f, g, 0.0, C, a, b, eps)))
-        return (f, g, c), None
-
-    def residual(f, g, c):
-        P = jnp.exp(_log_plan(f, g, c, C, a, b, eps))
-        r, col = jnp.sum(P, axis=1), jnp.sum(P, axis=0)
-        rows = jnp.where(f < 0, jnp.abs(a - r), jnp.maximum(r - a, 0.0))
-        cols = jnp.where(g < 0, jnp.abs(b - col), jnp.maximum(col - b, 0.0))
-        err = (jnp.sum(rows) + jnp.sum(cols) + jnp.abs(jnp.sum(P) - mass)) / mass
-        return jnp.where(jnp.isnan(err), jnp.inf, err)
-
-    def block(state):
-        pots, it, _ = state
-        pots, _ = jax.lax.scan(sweep, pots, None, solver.inner_iterations)
-        return pots, it + solver.inner_iterations, residual(*pots)
-
-    def running(state):
-        _, it, err = state
-        first = it == 0
-        return first | ((it < solver.max_iterations) & (err > solver.threshold) & jnp.isfinite(err))
-
-    zero = jnp.zeros((), C.dtype)
-    state = ((jnp.zeros_like(a), jnp.zeros_like(b), zero), jnp.asarray(0), zero + jnp.inf)
-    return jax.lax.while_loop(running, block, state)
+def _ascent(solver: PartialSinkhorn, C, a, b, mass, eps, init=None):
+    """Returns `((f, g, c), n_iters, error)`, from the shared driver."""
+    theta = (C, a, b, mass, eps)
+    (f, g, c), trace = driver.fixed_point(solver, theta, solver.init(theta, init))
+    return (f, g, c), trace.n_iters, trace.error
