@@ -215,10 +215,17 @@ class Solution(eqx.Module):
 
 
 def phi_star(f: Array, tau: Array, eps: Array) -> Array:
-    r"""$\rho(1 - e^{-f/\rho})$ with $\rho = \varepsilon\tau/(1-\tau)$; $f$ when $\tau = 1$."""
+    r"""$\rho(1 - e^{-f/\rho})$ with $\rho = \varepsilon\tau/(1-\tau)$; $f$ when $\tau = 1$.
+
+    Both branches are evaluated, so the unbalanced one gets a harmless argument
+    (0) when $\tau = 1$ (the double-`where` pattern): there $\rho = \varepsilon$ and
+    $e^{-f/\varepsilon}$ overflows for potentials below $-89\varepsilon$ in float32,
+    and the unselected branch's inf times the zero cotangent of `where` made every
+    gradient NaN.
+    """
     unbalanced = tau < 1
     rho = eps * tau / jnp.where(unbalanced, 1 - tau, 1.0)
-    return jnp.where(unbalanced, -rho * jnp.expm1(-f / rho), f)
+    return jnp.where(unbalanced, -rho * jnp.expm1(-jnp.where(unbalanced, f, 0.0) / rho), f)
 
 
 class PlanSolution(eqx.Module):

@@ -86,7 +86,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     Raises:
         EquinoxRuntimeError (a `JaxRuntimeError` under plain `jax.jit`): on the
         backward pass, when the adjoint solve failed — its residual, recomputed after
-        the solve, is not finite or above 10 tol (`ADJOINT_FAILURE`). A gradient is
+        the solve, is not finite or above `FAIL_RESIDUAL` (`ADJOINT_FAILURE`). A gradient is
         never silently NaN or garbage; a diverged forward solve raises here too.
     """
 
@@ -164,6 +164,9 @@ def _solve_adjoint_system(f, g, f_bar, g_bar, theta, adjoint):
     return inv_sqrt_r * w[0], inv_sqrt_c * w[1]
 
 
+#: An adjoint solve whose relative residual ||M w - b|| / ||b|| is above this failed.
+FAIL_RESIDUAL = 0.1
+
 #: The message of a failed adjoint solve (raised through `eqx.error_if`).
 ADJOINT_FAILURE = (
     "implicit differentiation failed: the adjoint linear system (conjugate gradients) "
@@ -191,8 +194,14 @@ def _cg(matvec, rhs, adjoint):
       with $n + m$ terms cannot be computed below about $\mathrm{eps}\sqrt{n + m}$
       (measured: CG stalls near $6\cdot 10^{-6}$ at $n + m = 5000$, then drifts
       upwards), so a smaller tolerance would only run to `max_steps`.
-    - `failed`: the true residual, recomputed after the solve, is not finite or above
-      10 tol (CG ran out of steps far from the solution, or broke down).
+    - `failed`: the solution is not finite, or its true relative residual,
+      recomputed after the solve, is above `FAIL_RESIDUAL` (CG broke down or ran out
+      of steps far from the solution). The bar is loose on purpose: a cotangent such
+      as that of `reg_cost` is the marginal error, which lies in the slowest
+      directions of $M$; float32 CG may stall well above tol on it (0.04 after 500
+      steps, x (60, 3), y (40, 3), epsilon 0.05) while its contribution to the
+      gradient stays negligible (d reg_cost / d epsilon within 1e-3 of finite
+      differences there).
     """
     size = jnp.sqrt(_dot(rhs, rhs))
     unit = jnp.where(size > 0, 1.0 / jnp.where(size > 0, size, 1.0), 0.0)
@@ -211,7 +220,7 @@ def _cg(matvec, rhs, adjoint):
     w = lx.linear_solve(operator, rhs, solver, options={"preconditioner": precond}, throw=False).value
     res = jax.tree_util.tree_map(lambda u, v: u - v, matvec(w), rhs)
     residual = jnp.sqrt(_dot(res, res))
-    failed = ~(residual <= 10 * tol) | ~jnp.all(jnp.array([jnp.all(jnp.isfinite(z)) for z in w]))
+    failed = ~(residual <= FAIL_RESIDUAL) | ~jnp.all(jnp.array([jnp.all(jnp.isfinite(z)) for z in w]))
     return jax.tree_util.tree_map(lambda z: z * size, w), failed
 
 
