@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from monge.geometry import PointCloud
+from monge.geometry import PointCloud, flushed_exp
 from monge.problems import LinearProblem
 
 __all__ = ["Solution", "PlanSolution", "Status"]
@@ -127,14 +127,16 @@ class Solution(eqx.Module):
         `axis=1` sums over the target: $P v$ with `v` of shape `(m,)` or `(m, k)`.
         """
         v = check_apply(v, axis, self.problem.geom.shape)
-        log_a, log_b = self._log_ab()
-        eps = self.epsilon
+        a, b, eps = self.problem.a, self.problem.b, self.epsilon
+        # The weights multiply (rather than enter as logs), so that derivatives in a
+        # weight are right at zero weight too (d log w / dw has no value at w = 0).
         if axis == 1:
-            h, log_out, out_pot = self.g + eps * log_b, log_a, self.f
+            h, w_in, w_out, out_pot = self.g, b, a, self.f
         else:
-            h, log_out, out_pot = self.f + eps * log_a, log_b, self.g
-        top, w = self.problem.geom.apply_kernel(h, eps, v, axis)
-        scale = jnp.exp(log_out + out_pot / eps + top)
+            h, w_in, w_out, out_pot = self.f, a, b, self.g
+        v_in = w_in[:, None] * v if v.ndim == 2 else w_in * v
+        top, w = self.problem.geom.apply_kernel(h, eps, v_in, axis)
+        scale = w_out * jnp.exp(out_pot / eps + top)
         return scale[:, None] * w if w.ndim == 2 else scale * w
 
     def marginals(self) -> tuple[Array, Array]:
@@ -147,18 +149,16 @@ class Solution(eqx.Module):
     @property
     def cost(self) -> Float[Array, ""]:
         r"""$\langle C, P\rangle$, the transport cost of the coupling (no entropy)."""
-        log_a, log_b = self._log_ab()
-        eps = self.epsilon
-        h = self.g + eps * log_b
+        a, b, eps = self.problem.a, self.problem.b, self.epsilon
 
         def line(c):
-            s = (h - c) / eps
+            s = (self.g - c) / eps
             top = jax.lax.stop_gradient(jnp.max(s))
             top = jnp.where(jnp.isfinite(top), top, 0.0)
-            return top, jnp.exp(s - top) @ c
+            return top, (flushed_exp(s - top) * b) @ c
 
         top, w = self.problem.geom.map_lines(line, 1)
-        return jnp.sum(jnp.exp(log_a + self.f / eps + top) * w)
+        return jnp.sum(a * jnp.exp(self.f / eps + top) * w)
 
     @property
     def reg_cost(self) -> Float[Array, ""]:

@@ -95,7 +95,33 @@ class ImplicitAdjoint(AbstractAdjoint):
     max_steps: int = eqx.field(default=500, static=True)
 
     def fixed_point(self, solver, theta):
-        return _implicit(theta, solver)
+        f, g, stats = _implicit(theta, solver)
+        f, g = zero_weight_potentials(theta, f, g)
+        return f, g, stats
+
+
+def zero_weight_potentials(theta, f, g):
+    r"""`(f, g)` with the potentials of zero-weight points replaced by their
+    (tempered) soft c-transforms, differentiably:
+
+    $$f_i = -\tau_a\varepsilon\log\textstyle\sum_j b_j e^{(g_j - C_{ij})/\varepsilon}
+    \quad (a_i = 0),$$
+
+    likewise $g_j$ for $b_j = 0$. The optimality conditions $F$ carry a factor $a_i$,
+    so they say nothing about such an $f_i$ and the implicit adjoint would give it no
+    sensitivity; as an explicit function of $g$ and $\theta$ it gets the right one
+    (it is what the Sinkhorn update converges to, and the derivative of the
+    regularised cost in $a_i$ at $a_i = 0$ is $f_i - \varepsilon$). One pass over $C$
+    per side, only when some weight is zero (`lax.cond`).
+    """
+    geom, a, b, eps, tau_a, tau_b = theta
+
+    def transforms():
+        f_new = jnp.where(a > 0, f, -tau_a * eps * geom.lse(g, eps, 1, w=b))
+        g_new = jnp.where(b > 0, g, -tau_b * eps * geom.lse(f, eps, 0, w=a))
+        return f_new, g_new
+
+    return jax.lax.cond(jnp.any(a <= 0) | jnp.any(b <= 0), transforms, lambda: (f, g))
 
 
 @eqx.filter_custom_vjp

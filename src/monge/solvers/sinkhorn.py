@@ -342,10 +342,12 @@ class _Steps(eqx.Module):
     def kernel_block(self, potentials):
         r"""Scaling iterations on the plan of the current potentials.
 
-        With $P^0 = \mathrm{diag}(a) e^{(f^0 \oplus g^0 - C)/\varepsilon}
-        \mathrm{diag}(b)$ and $f = f^0 + \varepsilon\log u$, $g = g^0 +
+        With $K^0 = e^{(f^0 \oplus g^0 - C)/\varepsilon}$ (the plan of the current
+        potentials without the weights) and $f = f^0 + \varepsilon\log u$, $g = g^0 +
         \varepsilon\log v$, the log-domain updates become matrix-vector products:
-        $\hat f = f^0 + \varepsilon(\log a - \log P^0 v)$, likewise for $g$. Building
+        $\hat f = f^0 - \varepsilon\log K^0 (b \odot v)$, likewise for $g$. The weights
+        multiply the vectors, not $K^0$, so a point of zero weight still gets its soft
+        c-transform (a plan row of zeros would leave it stale). Building
         $P^0$ costs one exp pass (as one log-sum-exp); each iteration then costs two
         matrix-vector products. Since $P^0$ is the plan of the previous block, $u, v$
         stay near 1 and float32 is safe; a non-finite block is redone in the log domain.
@@ -353,19 +355,20 @@ class _Steps(eqx.Module):
         _, g0, f_hat0 = potentials
         eps, a, b = self.eps, self.a, self.b
         f0 = self.tau_a * f_hat0  # reference point of the block: u, v stay near 1
-        log_a, log_b = safe_log(a), safe_log(b)
         C = self.geom.cost_matrix()
-        P0 = flushed_exp(log_a[:, None] + log_b[None, :] + (f0[:, None] + g0[None, :] - C) / eps)
+        # K0 = P0 / (a b^T): the weights go into the vectors, so a zero-weight point's
+        # row (column) still gives its soft c-transform instead of a stale value.
+        K0 = flushed_exp((f0[:, None] + g0[None, :] - C) / eps)
         dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
 
         def one(carry, k):
             f, g, f_hat = carry
             f = self.relaxed(f, self.tau_a * f_hat, k)
-            u = jnp.exp((f - f0) / eps)
-            g_hat = jnp.where(b > 0, g0 + eps * (log_b - jnp.log(dot(u, P0))), g0)
+            u = a * jnp.exp((f - f0) / eps)
+            g_hat = g0 - eps * jnp.log(dot(u, K0))
             g = self.relaxed(g, self.tau_b * g_hat, k, last_plain=True)
-            v = jnp.exp((g - g0) / eps)
-            f_hat = jnp.where(a > 0, f0 + eps * (log_a - jnp.log(dot(P0, v))), f0)
+            v = b * jnp.exp((g - g0) / eps)
+            f_hat = f0 - eps * jnp.log(dot(K0, v))
             return (f, g, f_hat), None
 
         return self.scan(one, potentials)
@@ -486,7 +489,7 @@ class _Steps(eqx.Module):
         f, _, f_hat = potentials
         eps, tau_a = self.eps, self.tau_a
         residual = self.a * (jnp.exp(-(1 - tau_a) / (tau_a * eps) * f) - jnp.exp((f - f_hat) / eps))
-        err = jnp.sum(jnp.abs(residual))
+        err = jnp.sum(jnp.abs(jnp.where(self.a > 0, residual, 0.0)))  # 0 * inf is not an error
         return jnp.where(jnp.isnan(err), jnp.inf, err)
 
 
