@@ -27,6 +27,7 @@ class Status(enum.IntEnum):
     CONVERGED = 0
     MAX_ITERATIONS = 1
     DIVERGED = 2
+    EPSILON_TOO_SMALL = 3
 
 
 MESSAGES = {
@@ -39,6 +40,14 @@ MESSAGES = {
     Status.DIVERGED: (
         "diverged: non-finite values (NaN or inf) appeared; check the inputs for NaN/inf, "
         "or increase epsilon"
+    ),
+    Status.EPSILON_TOO_SMALL: (
+        "not converged: epsilon is too small for the floating-point precision: the "
+        "plan's exponents (f_i + g_j - C_ij) / epsilon carry rounding errors above 1, so "
+        "the potentials cannot represent the plan (its marginals could be off by any "
+        "factor); use float64 (jax.config.update('jax_enable_x64', True) and float64 "
+        "inputs), or epsilon above 10 * machine epsilon * (max|f| + max|g|) (about 1e-5 "
+        "x the cost scale in float32), or exact OT (epsilon=0)"
     ),
 }
 

@@ -361,14 +361,22 @@ class _Steps(eqx.Module):
         K0 = flushed_exp((f0[:, None] + g0[None, :] - C) / eps)
         dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
 
+        def floored_log(sums, total):
+            # A sum below e^ONE_PASS_FLOOR of its weights' total is made of clamped
+            # (flushed) entries of K0, not of the plan: NaN, and the block is redone in
+            # the log domain. Otherwise a K0 flushed to a constant (epsilon far below
+            # the cost scale) is self-consistent and the error would read 0.
+            log_s = jnp.log(sums)
+            return jnp.where(log_s - jnp.log(total) > ONE_PASS_FLOOR, log_s, jnp.nan)
+
         def one(carry, k):
             f, g, f_hat = carry
             f = self.relaxed(f, self.tau_a * f_hat, k)
             u = a * jnp.exp((f - f0) / eps)
-            g_hat = g0 - eps * jnp.log(dot(u, K0))
+            g_hat = g0 - eps * floored_log(dot(u, K0), jnp.sum(u))
             g = self.relaxed(g, self.tau_b * g_hat, k, last_plain=True)
             v = b * jnp.exp((g - g0) / eps)
-            f_hat = f0 - eps * jnp.log(dot(K0, v))
+            f_hat = f0 - eps * floored_log(dot(K0, v), jnp.sum(v))
             return (f, g, f_hat), None
 
         return self.scan(one, potentials)
@@ -571,16 +579,42 @@ def _report(it, err, max_iterations):
         print(line, file=sys.stderr, flush=True)
 
 
+#: Status.EPSILON_TOO_SMALL when the plan's exponents carry rounding errors above this.
+RESOLUTION = 1.0
+
+
+def _status(f, g, eps, error, threshold):
+    r"""The `Status` of a run: `CONVERGED` only when the error is finite and at most
+    the threshold, the potentials are finite, and epsilon is resolved by the dtype.
+
+    The plan's exponents $(f_i + g_j - C_{ij})/arepsilon$ are computed from
+    rounded potentials: their rounding error is about $\mathrm{eps}_	ext{mach}
+    (|f_i| + |g_j| + |C_{ij}|)/arepsilon \le 2\,\mathrm{eps}_	ext{mach}(\max|f| +
+    \max|g|)/arepsilon$ on the plan's support (where $C_{ij} pprox f_i + g_j$).
+    Above `RESOLUTION` (1: entries off by a factor $e$) the potentials cannot
+    represent the plan, even when the solver's own arithmetic is consistent: in
+    float32 with $arepsilon = 10^{-9}ar c$ the iteration reaches a fixed point of
+    the hard c-transform whose measured error is exactly 0 while the plan recomputed
+    in float64 from the returned $f, g$ misses its marginals by $10^{130}$. Such a
+    run is `EPSILON_TOO_SMALL`, never converged.
+    """
+    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
+    scale = jnp.max(jnp.abs(f)) + jnp.max(jnp.abs(g))
+    rounding = 2 * jnp.finfo(f.dtype).eps * scale / eps
+    status = jnp.where(error <= threshold, Status.CONVERGED, Status.MAX_ITERATIONS)
+    status = jnp.where(jnp.isfinite(error), status, Status.DIVERGED)
+    status = jnp.where(rounding > RESOLUTION, Status.EPSILON_TOO_SMALL, status)
+    return jnp.where(finite, status, Status.DIVERGED)
+
+
 @eqx.filter_jit
 def _solve(solver: Sinkhorn, problem: LinearProblem, throw: bool) -> Solution:
     eps = problem.resolved_epsilon()
     a, b = _checks.traced_checks(problem, eps)
     theta = (problem.geom, a, b, eps.astype(a.dtype), problem.tau_a, problem.tau_b)
     f, g, (n_iters, errors, error) = solver.adjoint.fixed_point(solver, theta)
-    converged = jnp.isfinite(error) & (error <= solver.threshold)
-    status = jnp.where(
-        converged, Status.CONVERGED, jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED)
-    )
+    status = _status(f, g, eps.astype(a.dtype), error, solver.threshold)
+    converged = status == Status.CONVERGED
     if throw:
         messages = tuple(MESSAGES[s] for s in Status)
         f = eqx.branched_error_if(f, status != Status.CONVERGED, status, messages)
