@@ -67,7 +67,9 @@ class Sinkhorn(eqx.Module):
             (`_Steps.kernel_block`); online, as one fused pass over the cost per
             iteration, one-pass log-sum-exps shifted by the previous potentials
             (`_Steps.fused_block`). A block whose values are not finite (float32
-            under/overflow) is redone in the log domain. Static.
+            under/overflow) is redone in the log domain. With `UnrolledAdjoint`
+            every block runs in the log domain: reverse mode differentiates a failed
+            kernel block too, and its overflows made every gradient NaN. Static.
         anneal: epsilon scaling (Kosowsky & Yuille, 1994; Schmitzer, 2019): one
             block at each of $\varepsilon\,\text{decay}^{-K}, \dots,
             \varepsilon\,\text{decay}^{-1}$, then the target $\varepsilon$, with $K$
@@ -186,7 +188,9 @@ class Sinkhorn(eqx.Module):
 
     def _iterate(self, theta, unrolled: bool):
         geom, a, b, eps, tau_a, tau_b = theta
-        kernel = self.uses_kernel(geom)
+        # Unrolled, a kernel block that fails (and is redone in the log domain) is still
+        # differentiated with a zero cotangent: 0 * inf = NaN poisons every gradient.
+        kernel = self.uses_kernel(geom) and not unrolled
         geom = geom.precompute()
         dense = isinstance(geom, CostMatrix)
         n, m = geom.shape
@@ -366,8 +370,10 @@ class _Steps(eqx.Module):
             # (flushed) entries of K0, not of the plan: NaN, and the block is redone in
             # the log domain. Otherwise a K0 flushed to a constant (epsilon far below
             # the cost scale) is self-consistent and the error would read 0.
-            log_s = jnp.log(sums)
-            return jnp.where(log_s - jnp.log(total) > ONE_PASS_FLOOR, log_s, jnp.nan)
+            # Double where: unrolled, the unselected kernel block is still differentiated
+            # (with a zero cotangent), and log's derivative at 0 would make it NaN.
+            ok = jax.lax.stop_gradient(jnp.log(sums) - jnp.log(total) > ONE_PASS_FLOOR)
+            return jnp.where(ok, jnp.log(jnp.where(ok, sums, 1.0)), jnp.nan)
 
         def one(carry, k):
             f, g, f_hat = carry
@@ -429,7 +435,7 @@ class _Steps(eqx.Module):
         def column_error(g, acc):  # of (f_new, g) when f_new is a plain update (rows exact)
             tau_b = self.tau_b
             err = jnp.sum(jnp.abs(b * (jnp.exp(-(1 - tau_b) / (tau_b * eps) * g) - acc)))
-            return jnp.where(jnp.isnan(err), jnp.inf, err)
+            return jax.lax.stop_gradient(jnp.where(jnp.isnan(err), jnp.inf, err))  # as `error`
 
         def step(carry, k):
             (f, g, shift), done, n_run, err = carry
@@ -498,7 +504,9 @@ class _Steps(eqx.Module):
         eps, tau_a = self.eps, self.tau_a
         residual = self.a * (jnp.exp(-(1 - tau_a) / (tau_a * eps) * f) - jnp.exp((f - f_hat) / eps))
         err = jnp.sum(jnp.abs(jnp.where(self.a > 0, residual, 0.0)))  # 0 * inf is not an error
-        return jnp.where(jnp.isnan(err), jnp.inf, err)
+        # A diagnostic, never differentiated: unrolled, the scan carries a zero
+        # cotangent for it, and zero times an overflowed exponential's derivative is NaN.
+        return jax.lax.stop_gradient(jnp.where(jnp.isnan(err), jnp.inf, err))
 
 
 def _anneal_levels(start, eps, decay):
