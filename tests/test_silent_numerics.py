@@ -126,9 +126,13 @@ def _num_weights(n, seed):
     return w / w.sum()
 
 
-@pytest.mark.parametrize("tau", [1.0, 0.7], ids=["balanced", "unbalanced"])
-@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "unrolled"])
-@pytest.mark.parametrize("wrt", ["x", "a", "b", "epsilon"])
+_NUM_FD_CASES = [
+    (1.0, True, "x"), (1.0, True, "a"), (1.0, True, "b"), (1.0, True, "epsilon"),
+    (1.0, False, "x"), (1.0, False, "epsilon"), (0.7, False, "x"), (0.7, True, "epsilon"),
+]
+
+
+@pytest.mark.parametrize("tau, implicit, wrt", _NUM_FD_CASES)
 def test_num_float32_gradients_match_float64_finite_differences(tau, implicit, wrt):
     x, y = _num_clouds(60, 40, 3, 0, 1.0)
     a, b = _num_weights(60, 1), _num_weights(40, 2)
@@ -167,8 +171,7 @@ def test_num_phi_star_gradient_is_finite_when_balanced():
 # -- 3. zero weights -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("online", [False, True], ids=["dense", "online"])
-@pytest.mark.parametrize("side", ["a", "b", "both"])
+@pytest.mark.parametrize("online, side", [(False, "a"), (True, "a"), (False, "b"), (True, "both")])
 def test_num_zero_weight_potentials_are_soft_c_transforms(online, side):
     with jax.enable_x64(True):
         rng = np.random.default_rng(5)
@@ -192,9 +195,9 @@ def test_num_zero_weight_potentials_are_soft_c_transforms(online, side):
         np.testing.assert_allclose(g, g_ref, atol=1e-8)
 
 
-@pytest.mark.parametrize("online", [False, True], ids=["dense", "online"])
-@pytest.mark.parametrize("implicit", [True, False], ids=["implicit", "unrolled"])
-@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize(
+    "online, implicit, side", [(False, True, "a"), (True, True, "a"), (False, False, "a"), (False, True, "b")]
+)
 def test_num_gradient_at_zero_weight_matches_one_sided_differences(online, implicit, side):
     # the 4 + 4 points, a = (0, .3, .3, .4), b uniform, eps = 0.1, float64
     with jax.enable_x64(True):
@@ -238,7 +241,7 @@ def test_num_tiny_epsilon_float32_is_not_converged():
         monge.solve(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), epsilon=1e-9, throw=True)
 
 
-@pytest.mark.parametrize("rel", [1e-3, 1e-7, 1e-9, 1e-12])
+@pytest.mark.parametrize("rel", [1e-3, 1e-9])
 @pytest.mark.parametrize("online", [False, True], ids=["dense", "online"])
 def test_num_tiny_epsilon_converged_means_marginals_met_float32(rel, online):
     x, y = _num_clouds(40, 57, 2, 1, 1.0)
