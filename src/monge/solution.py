@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from monge.geometry import flushed_exp
 from monge.problems import LinearProblem
 
 __all__ = ["Solution", "PlanSolution", "Status"]
@@ -26,8 +27,8 @@ class Status(enum.IntEnum):
     CONVERGED = 0
     MAX_ITERATIONS = 1
     DIVERGED = 2
-    INFEASIBLE = 5
-    IMPRECISE = 6
+    IMPRECISE = 3
+    INFEASIBLE = 4
 
 
 MESSAGES = {
@@ -47,9 +48,11 @@ MESSAGES = {
     ),
     Status.IMPRECISE: (
         "imprecise: the floating-point precision cannot resolve an error below the "
-        "threshold (potentials or costs too large relative to epsilon, or costs spanning "
-        "more orders of magnitude than the dtype holds); increase epsilon, use float64, "
-        "remove outlying costs (C = inf forbids a pair), or relax the threshold"
+        "threshold (epsilon too small for the dtype, potentials or costs too large "
+        "relative to epsilon, or costs spanning more orders of magnitude than the dtype "
+        "holds); increase epsilon, use float64 (jax.config.update('jax_enable_x64', True) "
+        "and float64 inputs), use exact OT (epsilon=0), remove outlying costs (C = inf "
+        "forbids a pair), or relax the threshold"
     ),
 }
 
@@ -170,14 +173,16 @@ class Solution(eqx.Module):
         """
         reject_batch(self, "apply(v)")
         v = check_apply(v, axis, self.problem.geom.shape)
-        log_a, log_b = self._log_ab()
-        eps = self.epsilon
+        a, b, eps = self.problem.a, self.problem.b, self.epsilon
+        # The weights multiply (rather than enter as logs), so that derivatives in a
+        # weight are right at zero weight too (d log w / dw has no value at w = 0).
         if axis == 1:
-            h, log_out, out_pot = self.g + eps * log_b, log_a, self.f
+            h, w_in, w_out, out_pot = self.g, b, a, self.f
         else:
-            h, log_out, out_pot = self.f + eps * log_a, log_b, self.g
-        top, w = self.problem.geom.apply_kernel(h, eps, v, axis)
-        scale = jnp.exp(log_out + out_pot / eps + top)
+            h, w_in, w_out, out_pot = self.f, a, b, self.g
+        v_in = w_in[:, None] * v if v.ndim == 2 else w_in * v
+        top, w = self.problem.geom.apply_kernel(h, eps, v_in, axis)
+        scale = w_out * jnp.exp(out_pot / eps + top)
         return scale[:, None] * w if w.ndim == 2 else scale * w
 
     def marginals(self) -> tuple[Array, Array]:
@@ -194,18 +199,16 @@ class Solution(eqx.Module):
         r"""$\langle C, P\rangle$, the transport cost of the coupling (no entropy)."""
         if batch_depth(self):
             return over_batch(self, lambda s: s.cost)
-        log_a, log_b = self._log_ab()
-        eps = self.epsilon
-        h = self.g + eps * log_b
+        a, b, eps = self.problem.a, self.problem.b, self.epsilon
 
         def line(c):
-            s = (h - c) / eps
+            s = (self.g - c) / eps
             top = jax.lax.stop_gradient(jnp.max(s))
             top = jnp.where(jnp.isfinite(top), top, 0.0)
-            return top, jnp.exp(s - top) @ jnp.where(jnp.isfinite(c), c, 0.0)  # forbidden: 0
+            return top, (flushed_exp(s - top) * b) @ jnp.where(jnp.isfinite(c), c, 0.0)  # forbidden: 0
 
         top, w = self.problem.geom.map_lines(line, 1)
-        return jnp.sum(jnp.exp(log_a + self.f / eps + top) * w)
+        return jnp.sum(a * jnp.exp(self.f / eps + top) * w)
 
     @property
     def reg_cost(self) -> Float[Array, ""]:
@@ -271,10 +274,17 @@ class Solution(eqx.Module):
 
 
 def phi_star(f: Array, tau: Array, eps: Array) -> Array:
-    r"""$\rho(1 - e^{-f/\rho})$ with $\rho = \varepsilon\tau/(1-\tau)$; $f$ when $\tau = 1$."""
+    r"""$\rho(1 - e^{-f/\rho})$ with $\rho = \varepsilon\tau/(1-\tau)$; $f$ when $\tau = 1$.
+
+    Both branches are evaluated, so the unbalanced one gets a harmless argument
+    (0) when $\tau = 1$ (the double-`where` pattern): there $\rho = \varepsilon$ and
+    $e^{-f/\varepsilon}$ overflows for potentials below $-89\varepsilon$ in float32,
+    and the unselected branch's inf times the zero cotangent of `where` made every
+    gradient NaN.
+    """
     unbalanced = tau < 1
     rho = eps * tau / jnp.where(unbalanced, 1 - tau, 1.0)
-    return jnp.where(unbalanced, -rho * jnp.expm1(-f / rho), f)
+    return jnp.where(unbalanced, -rho * jnp.expm1(-jnp.where(unbalanced, f, 0.0) / rho), f)
 
 
 class PlanSolution(eqx.Module):

@@ -73,7 +73,9 @@ class Sinkhorn(driver.AbstractIterativeSolver):
             (`_Steps.kernel_block`); online, as one fused pass over the cost per
             iteration, one-pass log-sum-exps shifted by the previous potentials
             (`_Steps.fused_block`). A block whose values are not finite (float32
-            under/overflow) is redone in the log domain. Static.
+            under/overflow) is redone in the log domain. With `UnrolledAdjoint`
+            every block runs in the log domain: reverse mode differentiates a failed
+            kernel block too, and its overflows made every gradient NaN. Static.
         anneal: epsilon scaling (Kosowsky & Yuille, 1994; Schmitzer, 2019): one
             block at each of $\varepsilon\,\text{decay}^{-K}, \dots,
             \varepsilon\,\text{decay}^{-1}$, then the target $\varepsilon$, with $K$
@@ -220,7 +222,7 @@ class Sinkhorn(driver.AbstractIterativeSolver):
 
     def _iterate(self, theta, unrolled: bool, init):
         geom, a, b, eps, tau_a, tau_b = theta
-        data = (geom, geom.precompute(), a, b, eps, tau_a, tau_b)
+        data = (geom, geom.precompute(), a, b, eps, tau_a, tau_b, unrolled)
         state = self.init(data, init)
         state, trace = driver.fixed_point(self, data, state, unrolled=unrolled)
         f, g, _ = state[0]
@@ -243,10 +245,10 @@ class Sinkhorn(driver.AbstractIterativeSolver):
         """The first state: potentials `(f, g, f_hat)`, the relaxation factor, the
         Anderson history, the previous block's error and the number of annealing
         levels. A warm start `init = (f, g)` replaces the initializer and annealing."""
-        geom, pre, a, b, eps, tau_a, tau_b = data
+        geom, pre, a, b, eps, tau_a, tau_b, unrolled = data
         n, m = pre.shape
         dtype = a.dtype
-        kernel = self.uses_kernel(pre)
+        kernel = self.uses_kernel(pre) and not unrolled
         stored = pre.materialized
         resolved = initializers.resolve(self.initializer, geom)
         if init is None and self.anneal and resolved not in initializers.EXACT:
@@ -281,10 +283,12 @@ class Sinkhorn(driver.AbstractIterativeSolver):
 
     def step(self, data, state, k):
         """One block of `inner_iterations` updates (annealed, relaxed or mixed)."""
-        _, pre, a, b, eps, tau_a, tau_b = data
+        _, pre, a, b, eps, tau_a, tau_b, unrolled = data
         potentials, omega, history, prev, levels = state
         at_target, epsilon_at = self._schedule(data, levels)
-        kernel, stored = self.uses_kernel(pre), pre.materialized
+        # Unrolled, a kernel block that fails (and is redone in the log domain) is still
+        # differentiated with a zero cotangent: 0 * inf = NaN poisons every gradient.
+        kernel, stored = self.uses_kernel(pre) and not unrolled, pre.materialized
         plain = at_target(k) & (omega <= 1.0)
         stop_below = jnp.where(plain, self.threshold, -1.0)  # early exit within the block
         steps = _Steps(pre, a, b, epsilon_at(k), tau_a, tau_b, self.inner_iterations,
@@ -396,10 +400,12 @@ class _Steps(eqx.Module):
     def kernel_block(self, potentials):
         r"""Scaling iterations on the plan of the current potentials.
 
-        With $P^0 = \mathrm{diag}(a) e^{(f^0 \oplus g^0 - C)/\varepsilon}
-        \mathrm{diag}(b)$ and $f = f^0 + \varepsilon\log u$, $g = g^0 +
+        With $K^0 = e^{(f^0 \oplus g^0 - C)/\varepsilon}$ (the plan of the current
+        potentials without the weights) and $f = f^0 + \varepsilon\log u$, $g = g^0 +
         \varepsilon\log v$, the log-domain updates become matrix-vector products:
-        $\hat f = f^0 + \varepsilon(\log a - \log P^0 v)$, likewise for $g$. Building
+        $\hat f = f^0 - \varepsilon\log K^0 (b \odot v)$, likewise for $g$. The weights
+        multiply the vectors, not $K^0$, so a point of zero weight still gets its soft
+        c-transform (a plan row of zeros would leave it stale). Building
         $P^0$ costs one exp pass (as one log-sum-exp); each iteration then costs two
         matrix-vector products. Since $P^0$ is the plan of the previous block, $u, v$
         stay near 1 and float32 is safe; a non-finite block is redone in the log domain.
@@ -407,19 +413,30 @@ class _Steps(eqx.Module):
         _, g0, f_hat0 = potentials
         eps, a, b = self.eps, self.a, self.b
         f0 = self.tau_a * f_hat0  # reference point of the block: u, v stay near 1
-        log_a, log_b = safe_log(a), safe_log(b)
         C = self.geom.cost_matrix()
-        P0 = flushed_exp(log_a[:, None] + log_b[None, :] + (f0[:, None] + g0[None, :] - C) / eps)
+        # K0 = P0 / (a b^T): the weights go into the vectors, so a zero-weight point's
+        # row (column) still gives its soft c-transform instead of a stale value.
+        K0 = flushed_exp((f0[:, None] + g0[None, :] - C) / eps)
         dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
+
+        def floored_log(sums, total):
+            # A sum below e^ONE_PASS_FLOOR of its weights' total is made of clamped
+            # (flushed) entries of K0, not of the plan: NaN, and the block is redone in
+            # the log domain. Otherwise a K0 flushed to a constant (epsilon far below
+            # the cost scale) is self-consistent and the error would read 0.
+            # Double where: unrolled, the unselected kernel block is still differentiated
+            # (with a zero cotangent), and log's derivative at 0 would make it NaN.
+            ok = jax.lax.stop_gradient(jnp.log(sums) - jnp.log(total) > ONE_PASS_FLOOR)
+            return jnp.where(ok, jnp.log(jnp.where(ok, sums, 1.0)), jnp.nan)
 
         def one(carry, k):
             f, g, f_hat = carry
             f = self.relaxed(f, self.tau_a * f_hat, k)
-            u = jnp.exp((f - f0) / eps)
-            g_hat = jnp.where(b > 0, g0 + eps * (log_b - jnp.log(dot(u, P0))), g0)
+            u = a * jnp.exp((f - f0) / eps)
+            g_hat = g0 - eps * floored_log(dot(u, K0), jnp.sum(u))
             g = self.relaxed(g, self.tau_b * g_hat, k, last_plain=True)
-            v = jnp.exp((g - g0) / eps)
-            f_hat = jnp.where(a > 0, f0 + eps * (log_a - jnp.log(dot(P0, v))), f0)
+            v = b * jnp.exp((g - g0) / eps)
+            f_hat = f0 - eps * floored_log(dot(K0, v), jnp.sum(v))
             return (f, g, f_hat), None
 
         return self.scan(one, potentials)
@@ -472,7 +489,7 @@ class _Steps(eqx.Module):
         def column_error(g, acc):  # of (f_new, g) when f_new is a plain update (rows exact)
             tau_b = self.tau_b
             err = jnp.sum(jnp.abs(b * (jnp.exp(-(1 - tau_b) / (tau_b * eps) * g) - acc)))
-            return jnp.where(jnp.isnan(err), jnp.inf, err)
+            return jax.lax.stop_gradient(jnp.where(jnp.isnan(err), jnp.inf, err))  # as `error`
 
         def step(carry, k):
             (f, g, shift), done, n_run, err = carry
@@ -540,9 +557,10 @@ class _Steps(eqx.Module):
         f, _, f_hat = potentials
         eps, tau_a = self.eps, self.tau_a
         residual = self.a * (jnp.exp(-(1 - tau_a) / (tau_a * eps) * f) - jnp.exp((f - f_hat) / eps))
-        # zero weights: no term (a forbidden-only row has f = f_hat = inf, 0 * NaN)
-        err = jnp.sum(jnp.where(self.a > 0, jnp.abs(residual), 0.0))
-        return jnp.where(jnp.isnan(err), jnp.inf, err)
+        err = jnp.sum(jnp.abs(jnp.where(self.a > 0, residual, 0.0)))  # 0 * inf is not an error
+        # A diagnostic, never differentiated: unrolled, the scan carries a zero
+        # cotangent for it, and zero times an overflowed exponential's derivative is NaN.
+        return jax.lax.stop_gradient(jnp.where(jnp.isnan(err), jnp.inf, err))
 
 
 def precision_floor(f, g, a, b, eps):
@@ -635,6 +653,35 @@ def _next_omega(omega, err, prev, k, inner, at_target):
     return jax.lax.stop_gradient(jnp.where(grew, -1.0, new))
 
 
+#: A run is `Status.IMPRECISE` when the plan's exponents carry rounding errors above this.
+RESOLUTION = 1.0
+
+
+def _status(f, g, eps, floor, trace, threshold):
+    r"""The `Status` of a run: `CONVERGED` only when the error is final, finite and at
+    most the threshold, the potentials are finite, and the dtype resolves the answer.
+
+    `IMPRECISE` when either (a) the error that float arithmetic can resolve,
+    `precision_floor`, is above the threshold, or (b) epsilon is too small for the
+    potentials: the plan's exponents $(f_i + g_j - C_{ij})/\varepsilon$ are computed
+    from rounded potentials, with a rounding error of about $2\,\mathrm{eps}_\text{mach}
+    (\max|f| + \max|g|)/\varepsilon$ on the plan's support (where $C_{ij} \approx f_i
+    + g_j$). Above `RESOLUTION` (1: entries off by a factor $e$) the potentials cannot
+    represent the plan even when the solver's own arithmetic is consistent: in float32
+    with $\varepsilon = 10^{-9}\bar c$ the iteration reaches a fixed point of the hard
+    c-transform whose measured error is exactly 0, while the plan recomputed in float64
+    from the returned $f, g$ misses its marginals by $10^{130}$. Non-finite potentials
+    are `DIVERGED`.
+    """
+    _, status = driver.status_of(trace, threshold)
+    scale = jnp.max(jnp.abs(f)) + jnp.max(jnp.abs(g))
+    rounding = 2 * jnp.finfo(f.dtype).eps * scale / eps
+    imprecise = (floor > threshold) | (rounding > RESOLUTION)
+    status = jnp.where(imprecise & jnp.isfinite(trace.error), Status.IMPRECISE, status)
+    finite = jnp.all(jnp.isfinite(f)) & jnp.all(jnp.isfinite(g))
+    return jnp.where(finite, status, Status.DIVERGED).astype(jnp.int32)
+
+
 @eqx.filter_jit
 def _solve(solver: Sinkhorn, problem: LinearProblem, init, throw: bool) -> Solution:
     eps = problem.resolved_epsilon()
@@ -643,7 +690,7 @@ def _solve(solver: Sinkhorn, problem: LinearProblem, init, throw: bool) -> Solut
     f, g, trace = solver.adjoint.fixed_point(solver, theta, init)
     floor = precision_floor(f, g, a, b, theta[3])  # the error float arithmetic can resolve
     trace = trace._replace(error=jnp.maximum(trace.error, floor))
-    converged, status = driver.status_of(trace, solver.threshold)
-    status = jnp.where((floor > solver.threshold) & jnp.isfinite(trace.error), Status.IMPRECISE, status)
+    status = _status(f, g, theta[3], floor, trace, solver.threshold)
     f = driver.finish(f, status, throw)
-    return Solution(problem, f, g, eps, trace.n_iters, trace.error, trace.errors, converged, status)
+    return Solution(problem, f, g, eps, trace.n_iters, trace.error, trace.errors,
+                    status == Status.CONVERGED, status)
