@@ -69,13 +69,16 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from monge.solution import Status
+from monge.solvers import driver
 from monge.solvers._batching import one_by_one
 
 __all__ = ["AuctionResult", "auction"]
@@ -114,8 +117,15 @@ def auction(
     *,
     epsilon_start: float = 0.1,
     epsilon_factor: float = 5.0,
+    init=None,
+    progress: bool = False,
 ) -> AuctionResult:
     r"""Min-cost assignment of the square matrix `C` by the $\varepsilon$-scaled auction.
+
+    The $\varepsilon$-scaling phases run on the shared driver (`monge.solvers.driver`):
+    one block is one phase (its bidding rounds are the block's iterations), its error
+    the certified relative gap, and a phase whose $\varepsilon$ is at its floor stalls
+    the loop.
 
     Args:
         C: the costs, shape `(n, n)`, float32 or float64 (integers become floats).
@@ -125,6 +135,14 @@ def auction(
         epsilon_start: the first $\varepsilon$, relative to the range of the
             row-reduced costs. Static.
         epsilon_factor: $\varepsilon$ is divided by this after each phase. Static.
+        init: a warm start: starting column potentials $g$ (minus the prices), shape
+            `(n,)`, e.g. `AuctionResult.g` of a previous run (no gradient flows into
+            it). The first phase then starts at the $\varepsilon$ whose single phase
+            would certify `threshold` ($\varepsilon = $ `threshold` $\times$ mean
+            cost, relative to the cost range; at least its floor, at most
+            `epsilon_start`), not at `epsilon_start`: near-optimal prices need no
+            coarse phases. The answer meets the same certificate as a cold start.
+        progress: print one line per phase (rounds so far, relative gap). Static.
 
     Returns:
         An `AuctionResult`. When the budget runs out mid-phase, the persons still
@@ -132,7 +150,7 @@ def auction(
         every case, and `error` certifies whatever it is worth.
 
     Raises:
-        ValueError: `C` is not a square matrix.
+        ValueError: `C` is not a square matrix; `init` is not a vector of `n` prices.
     """
     C = jnp.asarray(C)
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
@@ -143,74 +161,143 @@ def auction(
     if not jnp.issubdtype(C.dtype, jnp.inexact):
         C = C.astype(jnp.result_type(float))
     n, dtype = C.shape[0], C.dtype
+    if init is not None:
+        init = jnp.asarray(init)
+        if init.shape != (n,):
+            raise ValueError(
+                f"`init` must be the column potentials g of shape ({n},), one per column "
+                f"of `C` (e.g. a previous run's `g`); received shape {tuple(init.shape)}."
+            )
+        init = jax.lax.stop_gradient(init.astype(dtype))
     if n == 1:
         status = jnp.where(jnp.isfinite(C[0, 0]), Status.CONVERGED, Status.DIVERGED)
         zero = jnp.zeros((), dtype)
         return AuctionResult(jnp.zeros(1, int), C[0], jnp.zeros(1, dtype), jnp.asarray(0),
                              zero, status.astype(jnp.int32))
-    options = dict(max_iterations=max_iterations, epsilon_start=epsilon_start, epsilon_factor=epsilon_factor)
+    solver = _Auction(threshold, max_iterations, progress=progress, epsilon_start=epsilon_start,
+                      epsilon_factor=epsilon_factor,
+                      phases=_phases(epsilon_start, epsilon_factor, max_iterations, dtype))
     # vmapped: problem by problem (a batched while loop runs the slowest one's rounds
     # everywhere, and every bidder-buffer size of `lax.switch` each round)
-    return one_by_one(lambda args: _solve(*args, **options), (C, jnp.asarray(threshold)), size=n * n)
+    return one_by_one(lambda args: args[0].solve(*args[1:]), (solver, C, init), size=n * n)
 
 
-def _solve(C, threshold, *, max_iterations, epsilon_start, epsilon_factor) -> AuctionResult:
-    """`auction` on a validated float matrix with n >= 2."""
-    n, dtype = C.shape[0], C.dtype
+def _phases(epsilon_start: float, epsilon_factor: float, max_iterations: int, dtype) -> int:
+    """Phases at most: $\varepsilon$ falls from `epsilon_start` to its floor (at least
+    `_ULPS` machine epsilons) by `epsilon_factor` per phase, and the phase at the floor
+    is the last; every phase runs at least one round."""
+    eps = jnp.finfo(dtype).eps
+    if epsilon_factor > 1 and epsilon_start > 0:
+        lowerings = math.ceil(max(0.0, math.log(epsilon_start / (_ULPS * eps))) / math.log(epsilon_factor))
+        return min(max_iterations, lowerings + 2)
+    return max_iterations
+
+
+class _Auction(driver.AbstractIterativeSolver):
+    """The auction's options, as the driver runs them: one block is one
+    $\varepsilon$-scaling phase (`step`), its `n_run` the phase's bidding rounds."""
+
+    threshold: Array = eqx.field(converter=jnp.asarray)
+    max_iterations: int = eqx.field(static=True)  # bidding rounds, over all phases
+    inner_iterations: int = eqx.field(default=1, static=True)
+    progress: bool = eqx.field(default=False, static=True)
+    epsilon_start: float = eqx.field(default=0.1, static=True)
+    epsilon_factor: float = eqx.field(default=5.0, static=True)
+    phases: int = eqx.field(default=1, static=True)
+
+    @property
+    def name(self) -> str:
+        return "auction"
+
+    @property
+    def error_label(self) -> str:
+        return "relative gap"
+
+    @property
+    def n_blocks(self) -> int:
+        return self.phases  # the budget of rounds is enforced in `step`
+
+    def solve(self, C, init) -> AuctionResult:
+        """`auction` on a validated float matrix with n >= 2 (`init`: prices or None)."""
+        data = _data(C)
+        D, shift, scale, unit = data
+        state = self.init(data, init)
+        state, trace = driver.fixed_point(self, data, state)
+        owner, g, _, rounds, _ = state
+        owner = _complete(owner)
+        slack, f = _slacks(D, owner, g)
+        # the gap of the completed assignment (when the budget ran out, some were not)
+        error = jnp.sum(slack) / unit
+        error = jnp.where(jnp.isnan(error), jnp.inf, error)
+        _, status = driver.status_of(trace._replace(error=error), jnp.asarray(self.threshold, D.dtype))
+        return AuctionResult(_assigned(owner), shift + scale * f, scale * g, rounds, error, status)
+
+    def init(self, data, init):
+        """`(owner, g, eps, rounds, slack)`: nobody assigned, prices zero (or `init`,
+        in units of the scaled costs), $\varepsilon$ at `epsilon_start` (warm: the
+        one-phase $\varepsilon$, see `auction`)."""
+        D, _, scale, unit = data
+        n, dtype = D.shape[0], D.dtype
+        eps = jnp.asarray(self.epsilon_start, dtype)
+        if init is None:
+            g = jnp.zeros(n, dtype)
+        else:
+            g = init / scale
+            one_phase = jnp.asarray(self.threshold, dtype) * unit / n
+            eps = jnp.clip(one_phase, _floor(g), eps)
+        return (jnp.full(n, n), g, eps, jnp.asarray(0), jnp.zeros(n, dtype))
+
+    def step(self, data, state, k):
+        """One phase: (after the first) lower $\varepsilon$ and unassign the pairs that
+        violate its slackness, then bid until everybody is assigned."""
+        D, _, _, unit = data
+        n = D.shape[0]
+        owner, g, eps, rounds, slack = state
+        # the next phase keeps the pairs that satisfy the smaller epsilon's slackness
+        lower = k > 0
+        eps = jnp.where(lower, jnp.maximum(eps / self.epsilon_factor, _floor(g)), eps)
+        owner = jnp.where(~lower | (slack[owner % n] <= eps), owner, n)
+        sizes = tuple(4**j for j in range(1, 16) if 2 * 4**j <= n) + (n,)
+        rounds_of = [functools.partial(_bid, D, size=size) for size in sizes]
+
+        def bid(carry):
+            owner, g, rounds = carry
+            free = _assigned(owner) == n
+            branch = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(free))
+            owner, g = jax.lax.switch(branch, rounds_of, owner, free, g, eps)
+            return owner, g, rounds + 1
+
+        def bidding(carry):
+            owner, g, rounds = carry
+            return jnp.any(owner == n) & (rounds < self.max_iterations) & jnp.all(jnp.isfinite(g))
+
+        start = rounds
+        owner, g, rounds = jax.lax.while_loop(bidding, bid, (owner, g, rounds))
+        slack, _ = _slacks(D, owner, g)
+        spent = rounds >= self.max_iterations
+        block = driver.Block(error=jnp.sum(slack) / unit, n_run=rounds - start,
+                             stalled=(eps <= _floor(g)) | spent)
+        return (owner, g, eps, rounds, slack), block
+
+
+def _data(C):
+    """`(D, shift, scale, unit)`: the costs shifted by their row minima and divided by
+    their range (in [0, 1]; the same optimal assignments as C), and n times the mean
+    cost in units of D."""
+    n = C.shape[0]
     shift = jnp.min(C, axis=1)
     scale = jnp.max(C - shift[:, None])
     scale = jnp.where(scale > 0, scale, 1.0)
-    D = (C - shift[:, None]) / scale  # in [0, 1]; the same optimal assignments as C
-    unit = jnp.sum(jnp.abs(C)) / (n * scale)  # n times the mean cost, in units of D
+    D = (C - shift[:, None]) / scale
+    unit = jnp.sum(jnp.abs(C)) / (n * scale)
     unit = jnp.where(unit > 0, unit, 1.0)
-    threshold = jnp.asarray(threshold, dtype)
-    # a bid must lower a price by a few units in the last place, or it rounds away
-    ulp = _ULPS * jnp.finfo(dtype).eps
-    sizes = tuple(4**k for k in range(1, 16) if 2 * 4**k <= n) + (n,)
-    rounds_of = [functools.partial(_bid, D, size=k) for k in sizes]
+    return D, shift, scale, unit
 
-    def bid(state):
-        owner, g, eps, rounds = state
-        free = _assigned(owner) == n
-        branch = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(free))
-        owner, g = jax.lax.switch(branch, rounds_of, owner, free, g, eps)
-        return owner, g, eps, rounds + 1
 
-    def bidding(state):
-        owner, g, _, rounds = state
-        return jnp.any(owner == n) & (rounds < max_iterations) & jnp.all(jnp.isfinite(g))
-
-    def phase(state):
-        owner, g, eps, rounds, _, _ = state
-        owner, g, eps, rounds = jax.lax.while_loop(bidding, bid, (owner, g, eps, rounds))
-        slack, _ = _slacks(D, owner, g)
-        floor = ulp * jnp.maximum(1.0, jnp.max(jnp.abs(g)))
-        done = (jnp.sum(slack) <= threshold * unit) | (eps <= floor)
-        done |= ~jnp.all(jnp.isfinite(g))
-        keep = done | (rounds >= max_iterations)
-        eps = jnp.where(keep, eps, jnp.maximum(eps / epsilon_factor, floor))
-        # the next phase keeps the pairs that satisfy the smaller epsilon's slackness
-        owner = jnp.where(keep | (slack[owner % n] <= eps), owner, n)
-        return owner, g, eps, rounds, jnp.sum(slack), done
-
-    def running(state):
-        *_, rounds, _, done = state
-        return ~done & (rounds < max_iterations)
-
-    state = (jnp.full(n, n), jnp.zeros(n, dtype), jnp.asarray(epsilon_start, dtype),
-             jnp.asarray(0), jnp.asarray(jnp.inf, dtype), jnp.asarray(False))
-    owner, g, _, rounds, _, _ = jax.lax.while_loop(running, phase, state)
-    owner = _complete(owner)
-    slack, f = _slacks(D, owner, g)
-    error = jnp.sum(slack) / unit
-    error = jnp.where(jnp.isnan(error), jnp.inf, error)
-    status = jnp.where(
-        error <= threshold,
-        Status.CONVERGED,
-        jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED),
-    )
-    return AuctionResult(_assigned(owner), shift + scale * f, scale * g, rounds, error,
-                         status.astype(jnp.int32))
+def _floor(g):
+    """The smallest $\varepsilon$: a bid must lower a price by a few units in the last
+    place, or it rounds away."""
+    return _ULPS * jnp.finfo(g.dtype).eps * jnp.maximum(1.0, jnp.max(jnp.abs(g)))
 
 
 def _assigned(owner: Int[Array, " n"]) -> Int[Array, " n"]:

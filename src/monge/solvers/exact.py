@@ -74,8 +74,10 @@ from jaxtyping import Array
 from monge import _checks
 from monge.geometry import CostMatrix, as_float_array
 from monge.problems import LinearProblem
-from monge.solution import MESSAGES, PlanSolution, Status, safe_log
+from monge.solution import PlanSolution, Status, safe_log
+from monge.solvers import driver
 from monge.solvers.auction import auction
+from monge.solvers.sinkhorn import warm_start
 
 __all__ = ["Exact", "METHODS", "solve_arrays"]
 
@@ -265,16 +267,36 @@ class Exact(eqx.Module):
             return self.threshold
         return jnp.asarray(max(1e-12, 100 * float(jnp.finfo(dtype).eps)), dtype)
 
-    def __call__(self, problem: LinearProblem, *, throw: bool = False) -> PlanSolution:
-        """Solve `problem` (its `epsilon` is ignored). With `throw=True`, a run that does
-        not converge raises an `EquinoxRuntimeError` instead of returning."""
+    def __call__(self, problem: LinearProblem, *, init=None, throw: bool = False) -> PlanSolution:
+        """Solve `problem` (its `epsilon` is ignored).
+
+        Args:
+            problem: a balanced `LinearProblem`.
+            init: a warm start for the pure-JAX methods: a previous solution (of a
+                problem of the same shape) or potentials `(f, g)` of shapes `(n,)`,
+                `(m,)`; no gradient flows into it. ``"sinkhorn_rounding"`` starts its
+                Sinkhorn iterations from `(f, g)` at the final $\varepsilon$ (no
+                $\varepsilon$-scaling); ``"auction"`` uses `g` as its starting prices
+                (`f` is recomputed from them) and starts at the $\varepsilon$ of a
+                single certifying phase. Either way the answer meets the same
+                certificate (`threshold`) as a cold start. The host methods take no
+                warm start: `init` with them is a `ValueError`.
+            throw: raise an `EquinoxRuntimeError` carrying the status message instead of
+                returning a run that did not converge.
+        """
         if not isinstance(problem, LinearProblem):
             raise ValueError(
                 f"`Exact` solves a monge.LinearProblem; received {type(problem).__name__}."
             )
         check_balanced(problem.tau_a, problem.tau_b)
         self.check_method(problem.a, problem.b)
-        return _solve(self, problem, throw)
+        if init is not None and self.method in _HOST:
+            raise ValueError(
+                f"`init` (a warm start) was passed to Exact(method={self.method!r}), but the "
+                "host methods ('network_simplex', 'assignment') take no warm start; drop "
+                "`init`, or use method='sinkhorn_rounding' or 'auction'."
+            )
+        return _solve(self, problem, warm_start(init, problem.geom.shape), throw)
 
     def check_method(self, a, b) -> None:
         """Backend requirements that can be checked before tracing."""
@@ -312,14 +334,12 @@ def check_balanced(tau_a, tau_b) -> None:
 
 
 @eqx.filter_jit
-def _solve(solver: Exact, problem: LinearProblem, throw: bool) -> PlanSolution:
+def _solve(solver: Exact, problem: LinearProblem, init, throw: bool) -> PlanSolution:
     C = problem.geom.cost_matrix()
     a, b = _traced_checks(problem)
-    plan, f, g, reg_cost, n_iters, error, status = solve_arrays(solver, C, a, b)
+    plan, f, g, reg_cost, n_iters, error, status = solve_arrays(solver, C, a, b, init)
     converged = status == Status.CONVERGED
-    if throw:
-        messages = tuple(MESSAGES[s] for s in Status)
-        plan = eqx.branched_error_if(plan, status != Status.CONVERGED, status, messages)
+    plan = driver.finish(plan, status, throw)
     return PlanSolution(problem, plan, f, g, reg_cost, n_iters, error, converged, status)
 
 
@@ -342,11 +362,13 @@ def _traced_checks(problem: LinearProblem):
     return a, b
 
 
-def solve_arrays(solver: Exact, C, a, b):
+def solve_arrays(solver: Exact, C, a, b, init=None):
     """Exact OT on arrays: `(plan, f, g, reg_cost, n_iters, error, status)`.
 
     Differentiable (see the module docstring); the building block of `Exact` and of
     exact partial OT. Masses must be equal (b is rescaled to sum(a) internally).
+    `init`: a warm start `(f, g)` for the pure-JAX methods (see `Exact.__call__`), or
+    None.
     """
     dtype = jnp.result_type(C, a, b)
     C, a, b = C.astype(dtype), a.astype(dtype), b.astype(dtype)
@@ -367,24 +389,26 @@ def solve_arrays(solver: Exact, C, a, b):
     # b is rescaled to sum(a) outside the custom VJP, so that gradients with respect to
     # the weights include the rescaling (right along every direction, not only sum-keeping)
     b = b * (jnp.sum(a) / jnp.sum(b))
-    plan, f, g, reg_cost, (n_iters, error, status) = _core((C, a, b), solver)
+    plan, f, g, reg_cost, (n_iters, error, status) = _core((C, a, b), solver, init)
     return plan, f, g, reg_cost, n_iters, error, status
 
 
 # -- forward ---------------------------------------------------------------------------
-def _forward(solver: Exact, C, a, b):
+def _forward(solver: Exact, C, a, b, init=None):
     b = b * (jnp.sum(a) / jnp.sum(b))
     forbidden = ~jnp.isfinite(C)
     unit = _unit(C, a, b)  # from the allowed costs
     C = big_m(C)  # forbidden pairs: a finite cost no optimal plan pays when feasible
+    if init is not None:  # a start only: no gradient flows into it
+        init = tuple(jax.lax.stop_gradient(jnp.asarray(z, C.dtype)) for z in init)
     if solver.method in _HOST:
         plan, f, g, status = _host_call(solver, C, a, b)
         n_iters = jnp.asarray(-1)
     elif solver.method == "auction":
-        plan, f, g, n_iters = _auction(solver, C, a, unit)
+        plan, f, g, n_iters = _auction(solver, C, a, unit, None if init is None else init[1])
         status = None
     else:
-        plan, f, g, n_iters = _sinkhorn_rounding(solver, C, a, b, unit / jnp.sum(a))
+        plan, f, g, n_iters = _sinkhorn_rounding(solver, C, a, b, unit / jnp.sum(a), init)
         status = None
     f, g = _feasible_duals(C, f, g, a, b)
     f, g = fix_gauge(f, g, a, b)
@@ -399,12 +423,8 @@ def _forward(solver: Exact, C, a, b):
     tolerance = solver.tolerance(C.dtype)
     leaked = jnp.sum(jnp.where(forbidden, plan, 0.0))
     infeasible = leaked > (0.0 if solver.method in _HOST else tolerance * jnp.sum(a))
-    if status is None:
-        status = jnp.where(
-            error <= tolerance,
-            Status.CONVERGED,
-            jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED),
-        )
+    if status is None:  # the pure-JAX methods: converged when the certified gap is small
+        _, status = driver.status_from(error, tolerance)
     else:  # the host's own verdict, unless the dtype cannot certify it
         imprecise = (status == Status.CONVERGED) & (noise / unit > tolerance)
         status = jnp.where(imprecise, Status.IMPRECISE, status)
@@ -587,15 +607,17 @@ def assignment_duals(C: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 # -- pure JAX: the auction for assignments ------------------------------------------------
-def _auction(solver: Exact, C, a, unit):
-    r"""Plan $(\sum a / n)$ times the auction's permutation, its potentials and rounds.
+def _auction(solver: Exact, C, a, unit, prices=None):
+    r"""Plan $(\sum a / n)$ times the auction's permutation, its potentials and rounds
+    (`prices`: the warm start `g`, or None).
 
     The auction's own gap is relative to the mean $|C|$; its threshold is rescaled so
     that it stops on the certificate of `Exact` (relative to `unit`, never larger)."""
     n = C.shape[0]
     mean = jnp.sum(jnp.abs(C)) / n * jnp.sum(a) / n
     ratio = jax.lax.stop_gradient(unit / jnp.where(mean > 0, mean, 1.0))
-    out = auction(C, solver.tolerance(C.dtype) * jnp.minimum(ratio, 1.0), solver.iterations)
+    out = auction(C, solver.tolerance(C.dtype) * jnp.minimum(ratio, 1.0), solver.iterations,
+                  init=prices)
     plan = jnp.zeros_like(C).at[jnp.arange(n), out.cols].set(jnp.sum(a) / n)
     return plan, out.f, out.g, out.n_iters
 
@@ -615,63 +637,103 @@ def round_to_polytope(P, a, b):
     return P + e_r[:, None] * e_c[None, :] / jnp.where(total > 0, total, 1.0)
 
 
-def _sinkhorn_rounding(solver: Exact, C, a, b, unit):
+def _sinkhorn_rounding(solver: Exact, C, a, b, unit, init=None):
     """Plan (rounded), soft potentials and the number of iterations; `unit` is the
-    typical cost (`_unit` per unit mass), the scale of the epsilon schedule."""
-    eps_final = (solver.epsilon * unit).astype(C.dtype)
-    decay = solver.epsilon_decay.astype(C.dtype)
-    log_a, log_b = safe_log(a), safe_log(b)
-    inner = 10
+    typical cost (`_unit` per unit mass), the scale of the epsilon schedule; `init`: a
+    warm start `(f, g)` (no annealing), or None."""
+    rounding = _Rounding(solver.threshold, solver.iterations, epsilon=solver.epsilon,
+                         epsilon_decay=solver.epsilon_decay)
+    data = rounding.data(C, a, b, unit)
+    state = rounding.init(data, init)
+    (f, g, it, warm), _ = driver.fixed_point(rounding, data, state)
+    plan = round_to_polytope(rounding.plan_of(data, f, g, rounding.eps_at(data, it - 1, warm)), a, b)
+    return plan, f, g, it
 
-    def eps_at(it):
-        return jnp.maximum(eps_final, unit * decay ** it.astype(C.dtype))
 
-    def plan_of(f, g, eps):
+class _Rounding(driver.AbstractIterativeSolver):
+    r"""Log-domain Sinkhorn with $\varepsilon$-scaling for ``"sinkhorn_rounding"``, as
+    the driver runs it: a block is `inner_iterations` (10) iterations, its error the
+    certified relative gap of the rounded plan and the $c$-transformed potentials
+    (valid at every $\varepsilon$, so every block is final).
+
+    $\varepsilon$ at iteration $t$ is $\max(\varepsilon_{\rm final}, \bar c\,
+    \text{decay}^t)$, $\bar c$ the typical cost (`AbstractGeometry.cost_scale`); a warm start runs at
+    $\varepsilon_{\rm final}$ from the first iteration."""
+
+    threshold: Array
+    max_iterations: int = eqx.field(static=True)
+    inner_iterations: int = eqx.field(default=10, static=True)
+    progress: bool = eqx.field(default=False, static=True)
+    epsilon: Array = 1e-3
+    epsilon_decay: Array = 0.97
+
+    @property
+    def name(self) -> str:
+        return "sinkhorn_rounding"
+
+    @property
+    def error_label(self) -> str:
+        return "relative gap"
+
+    def data(self, C, a, b, unit):
+        """`(C, a, b, log a, log b, unit, final epsilon)`, `unit` the typical cost
+        (robust to outlying costs: `Exact`'s certificate scale per unit mass)."""
+        eps_final = (self.epsilon * unit).astype(C.dtype)
+        return C, a, b, safe_log(a), safe_log(b), unit, eps_final
+
+    def init(self, data, init):
+        """`(f, g, it, warm)`: zero potentials, or the warm start `(f, g)` (then
+        `warm`: no annealing)."""
+        C, a, b, *_ = data
+        if init is None:
+            return jnp.zeros_like(a), jnp.zeros_like(b), jnp.asarray(0), jnp.asarray(False)
+        f, g = init
+        return f.astype(C.dtype), g.astype(C.dtype), jnp.asarray(0), jnp.asarray(True)
+
+    def eps_at(self, data, it, warm):
+        """$\varepsilon$ at iteration `it`: annealed from the mean cost (cold), or final."""
+        C, *_, unit, eps_final = data
+        decay = self.epsilon_decay.astype(C.dtype)
+        return jnp.where(warm, eps_final, jnp.maximum(eps_final, unit * decay ** it.astype(C.dtype)))
+
+    @staticmethod
+    def plan_of(data, f, g, eps):
+        C, _, _, log_a, log_b, *_ = data
         return jnp.exp(log_a[:, None] + log_b[None, :] + (f[:, None] + g[None, :] - C) / eps)
 
-    def one(carry, _):
-        f, g, it = carry
-        eps = eps_at(it)
-        f = -eps * jax.nn.logsumexp(log_b[None, :] + (g[None, :] - C) / eps, axis=1)
-        g = -eps * jax.nn.logsumexp(log_a[:, None] + (f[:, None] - C) / eps, axis=0)
-        return (f, g, it + 1), None
+    def step(self, data, state, k):
+        C, a, b, log_a, log_b, unit, _ = data
 
-    def gap(f, g, it):
-        eps = eps_at(it - 1)
-        P = round_to_polytope(plan_of(f, g, eps), a, b)
+        warm = state[3]
+
+        def one(carry, _):
+            f, g, it = carry
+            eps = self.eps_at(data, it, warm)
+            f = -eps * jax.nn.logsumexp(log_b[None, :] + (g[None, :] - C) / eps, axis=1)
+            g = -eps * jax.nn.logsumexp(log_a[:, None] + (f[:, None] - C) / eps, axis=0)
+            return (f, g, it + 1), None
+
+        (f, g, it), _ = jax.lax.scan(one, state[:3], None, self.inner_iterations)
+        P = round_to_polytope(self.plan_of(data, f, g, self.eps_at(data, it - 1, warm)), a, b)
         ft, gt = _feasible_duals(C, f, g, a, b)
-        return (jnp.sum(P * C) - ft @ a - gt @ b) / (unit * jnp.sum(a))
-
-    def block(state):
-        f, g, it, _ = state
-        (f, g, it), _ = jax.lax.scan(one, (f, g, it), None, inner)
-        return f, g, it, gap(f, g, it)
-
-    def running(state):
-        _, _, it, err = state
-        return (it < solver.iterations) & ~(err <= solver.threshold) & ~jnp.isnan(err)
-
-    zero = jnp.zeros((), C.dtype)
-    state = (jnp.zeros_like(a), jnp.zeros_like(b), jnp.asarray(0), jnp.inf + zero)
-    f, g, it, _ = jax.lax.while_loop(running, block, state)
-    plan = round_to_polytope(plan_of(f, g, eps_at(it - 1)), a, b)
-    return plan, f, g, it
+        gap = (jnp.sum(P * C) - ft @ a - gt @ b) / (unit * jnp.sum(a))
+        return (f, g, it, warm), driver.Block(error=gap, n_run=jnp.asarray(self.inner_iterations))
 
 
 # -- gradients -------------------------------------------------------------------------
 @eqx.filter_custom_vjp
-def _core(inputs, solver):
-    return _forward(solver, *inputs)
+def _core(inputs, solver, init=None):
+    return _forward(solver, *inputs, init=init)
 
 
 @_core.def_fwd
-def _core_fwd(perturbed, inputs, solver):
-    out = _forward(solver, *inputs)
+def _core_fwd(perturbed, inputs, solver, init=None):
+    out = _forward(solver, *inputs, init=init)
     return out, (out[0], out[1], out[2])
 
 
 @_core.def_bwd
-def _core_bwd(residuals, grad_obj, perturbed, inputs, solver):
+def _core_bwd(residuals, grad_obj, perturbed, inputs, solver, init=None):
     plan, f, g = residuals
     C, a, b = inputs
     plan_bar, reg_bar = grad_obj[0], grad_obj[3]

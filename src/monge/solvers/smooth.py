@@ -69,7 +69,9 @@ from jaxtyping import Array, Float
 from monge import _checks
 from monge.geometry import as_float_array
 from monge.problems import LinearProblem
-from monge.solution import MESSAGES, PlanSolution, Status
+from monge.solution import PlanSolution
+from monge.solvers import driver
+from monge.solvers.sinkhorn import warm_start
 
 __all__ = ["SmoothOT", "FORMULATIONS"]
 
@@ -180,45 +182,81 @@ def marginal_error(P: Array, a: Array, b: Array) -> Array:
     return jnp.where(jnp.isnan(err), jnp.inf, err)
 
 
-def lbfgs(fun, error, x0: Array, threshold, max_iterations: int, memory_size: int):
-    """Minimise the convex `fun` from `x0` by L-BFGS until `error(x) <= threshold`.
+def lbfgs(fun, error, x0: Array, threshold, max_iterations: int, memory_size: int,
+          progress: bool = False, label: str = "lbfgs"):
+    """Minimise the convex `fun` from `x0` by L-BFGS until `error(x) <= threshold`, on
+    the shared driver (`monge.solvers.driver`; one L-BFGS update per block).
 
     Returns `(x, n_iters)`. After a failed line search (rounding, ill-conditioning for
     small gamma, a kink of a sparse objective), seen as a step that increases `fun`
     beyond the search's own tolerance (refused) or decreases neither `fun` nor
     `error`, L-BFGS restarts from scratch (its memory is cleared); `patience` such
-    steps in a row end the run."""
-    # Near the optimum the value stops resolving the decrease: the line search then
-    # uses Hager & Zhang's approximate Wolfe conditions, which allow increases up to
-    # `rtol * |value|`, above float32 rounding.
-    rtol = 1e-6 if x0.dtype == jnp.float64 else 1e-5
-    patience = 5
-    search = optax.scale_by_zoom_linesearch(max_linesearch_steps=30, approx_dec_rtol=rtol)
-    opt = optax.lbfgs(memory_size=memory_size, linesearch=search)
-    value_and_grad = optax.value_and_grad_from_state(fun)
+    steps in a row end the run (the driver's `stalled`). A start that already meets
+    `threshold` runs no step."""
+    solver = _LBFGS(threshold, max_iterations, progress=progress, fun=fun, error=error,
+                    memory_size=memory_size, label=label)
+    (x, *_), trace = driver.fixed_point(solver, None, solver.init(None, x0))
+    return x, trace.n_iters
 
-    def body(carry):
-        x, state, it, err, stalls = carry
-        value, grad = value_and_grad(x, state=state)
-        updates, new_state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fun)
-        new = optax.apply_updates(x, updates)
-        new_value = optax.tree.get(new_state, "value")
-        accept = new_value <= value + rtol * jnp.abs(value)
-        new, new_err = jnp.where(accept, new, x), jnp.where(accept, error(new), err)
-        progress = accept & ((new_value < value) | (new_err < err))
-        new_state = jax.tree.map(
-            lambda u, v: jnp.where(progress, u, v), new_state, opt.init(new)
-        )
-        return new, new_state, it + 1, new_err, jnp.where(progress, 0, stalls + 1)
 
-    def running(carry):
-        _, _, it, err, stalls = carry
-        going = (err > threshold) & jnp.isfinite(err) & (stalls < patience)
-        return going & (it < max_iterations)
+class _LBFGS(driver.AbstractIterativeSolver):
+    """optax's L-BFGS (zoom line search) as the driver runs it: a block is one update."""
 
-    carry = (x0, opt.init(x0), jnp.asarray(0), error(x0), jnp.asarray(0))
-    x, _, it, _, _ = jax.lax.while_loop(running, body, carry)
-    return x, it
+    threshold: Array
+    max_iterations: int = eqx.field(static=True)
+    inner_iterations: int = eqx.field(default=1, static=True)
+    progress: bool = eqx.field(default=False, static=True)
+    fun: object = eqx.field(default=None, static=True)
+    error: object = eqx.field(default=None, static=True)
+    memory_size: int = eqx.field(default=10, static=True)
+    label: str = eqx.field(default="lbfgs", static=True)
+    patience: int = eqx.field(default=5, static=True)
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def error_label(self) -> str:
+        return "marginal error"
+
+    def _optimizer(self, dtype):
+        # Near the optimum the value stops resolving the decrease: the line search then
+        # uses Hager & Zhang's approximate Wolfe conditions, which allow increases up to
+        # `rtol * |value|`, above float32 rounding.
+        rtol = 1e-6 if dtype == jnp.float64 else 1e-5
+        search = optax.scale_by_zoom_linesearch(max_linesearch_steps=30, approx_dec_rtol=rtol)
+        return optax.lbfgs(memory_size=self.memory_size, linesearch=search), rtol
+
+    def init(self, data, init):
+        """`(x, optimizer state, error, stalls)` from the start `init` (an array)."""
+        opt, _ = self._optimizer(init.dtype)
+        return init, opt.init(init), self.error(init), jnp.asarray(0)
+
+    def step(self, data, state, k):
+        x, opt_state, err, stalls = state
+        opt, rtol = self._optimizer(x.dtype)
+        fun = self.fun
+        value_and_grad = optax.value_and_grad_from_state(fun)
+
+        def update():
+            value, grad = value_and_grad(x, state=opt_state)
+            updates, new_state = opt.update(grad, opt_state, x, value=value, grad=grad,
+                                            value_fn=fun)
+            new = optax.apply_updates(x, updates)
+            new_value = optax.tree.get(new_state, "value")
+            accept = new_value <= value + rtol * jnp.abs(value)
+            new, new_err = jnp.where(accept, new, x), jnp.where(accept, self.error(new), err)
+            progress = accept & ((new_value < value) | (new_err < err))
+            new_state = jax.tree.map(
+                lambda u, v: jnp.where(progress, u, v), new_state, opt.init(new)
+            )
+            return (new, new_state, new_err, jnp.where(progress, 0, stalls + 1)), jnp.asarray(1)
+
+        done = err <= jnp.asarray(self.threshold, err.dtype)  # only at k = 0: a converged start
+        state, n_run = jax.lax.cond(done, lambda: (state, jnp.asarray(0)), update)
+        _, _, err, stalls = state
+        return state, driver.Block(error=err, n_run=n_run, stalled=stalls >= self.patience)
 
 
 # -- semismooth Newton, with continuation in gamma -------------------------------------------
@@ -288,9 +326,11 @@ def _line_search(slope, slope0: Array, max_steps: int = 12):
     return jnp.where(back, lo, t), jax.tree.map(lambda u, v: jnp.where(back, u, v), aux_lo, aux)
 
 
-def newton(C, a, b, gamma, threshold, formulation: str, max_iterations: int):
+def newton(C, a, b, gamma, threshold, formulation: str, max_iterations: int, x0=None,
+           progress: bool = False, label: str = "newton"):
     r"""Maximise the dual (`k = None`) by semismooth Newton until the L1 marginal error is
-    at most `threshold`; returns `(x, n_iters)`.
+    at most `threshold`, on the shared driver (one Newton step per block); returns
+    `(x, n_iters)`.
 
     Each step solves $(H + \mu I)d = -\nabla$ by Jacobi-preconditioned conjugate gradients
     (to a relative tolerance $\min(0.1, \sqrt{\text{error}})$, the damping $\mu$
@@ -300,56 +340,98 @@ def newton(C, a, b, gamma, threshold, formulation: str, max_iterations: int):
     start the support changes at every step. Continuation fixes this: start at a
     $\gamma_0$ that spreads each column over a tenth of the range of $C$ (a tenth of
     that range over the mean of $b$), solve to 1% marginal error, divide $\gamma$ by
-    4, warm-start, and so on; the last stage, at `gamma`, solves to `threshold`. A run that does not reduce the error in `patience`
-    steps in a row stops (reported as not converged)."""
-    n, m = C.shape
-    patience, cg_iterations = 10, 50
-    null = _null_vector(n, m, formulation, C.dtype)
-    project = lambda z: z - null * (null @ z)  # noqa: E731
-    mass = jnp.sum(a)
-    stage_threshold = jnp.maximum(threshold, 1e-2 * mass)
-    spread = jnp.max(C) - jnp.min(C)
-    start = jnp.where(jnp.isfinite(spread), 0.1 * spread * m / mass, 0.0)
+    4, warm-start, and so on; the last stage, at `gamma`, solves to `threshold`. A
+    block's error is final once the stage is at `gamma`. A run that does not reduce
+    the error in `patience` steps in a row stops (the driver's `stalled`; reported as
+    not converged). A warm start `x0` (the variable: `concat(f, g)` or `f`) starts at
+    `gamma` itself, without continuation; one that already meets `threshold` runs no
+    step."""
+    solver = _Newton(threshold, max_iterations, progress=progress, formulation=formulation,
+                     label=label)
+    data = (C, a, b, gamma)
+    (x, *_), trace = driver.fixed_point(solver, data, solver.init(data, x0))
+    return x, trace.n_iters
 
-    def evaluate(x, g):
-        P = recover(x, C, b, g, formulation, None)[2]
-        return P, _marginal_residual(P, a, b, formulation), marginal_error(P, a, b)
 
-    def body(carry):
-        x, g, P, r, err, it, stalls = carry
-        matvec, diagonal = _hessian(P, g, formulation)
-        mu = jnp.minimum(1.0, err / mass) / g
-        d, _ = jax.scipy.sparse.linalg.cg(
-            lambda v: project(matvec(project(v)) + mu * v), -project(r),
-            tol=jnp.minimum(0.1, jnp.sqrt(err / mass)), maxiter=cg_iterations,
-            M=lambda v: v / (diagonal + mu),
-        )
-        d = project(d)
+class _Newton(driver.AbstractIterativeSolver):
+    """Semismooth Newton with continuation in gamma, as the driver runs it (`newton`)."""
 
-        def slope(t):
-            P_t = recover(x + t * d, C, b, g, formulation, None)[2]
-            return _marginal_residual(P_t, a, b, formulation) @ d, P_t
+    threshold: Array
+    max_iterations: int = eqx.field(static=True)
+    inner_iterations: int = eqx.field(default=1, static=True)
+    progress: bool = eqx.field(default=False, static=True)
+    formulation: str = eqx.field(default="semi_dual", static=True)
+    label: str = eqx.field(default="newton", static=True)
+    patience: int = eqx.field(default=10, static=True)
+    cg_iterations: int = eqx.field(default=50, static=True)
 
-        t, P_new = _line_search(slope, r @ d)
-        x_new, err_new = x + t * d, marginal_error(P_new, a, b)
-        stalls = jnp.where(err_new < err, 0, stalls + 1)
-        g_new = jnp.where((err_new <= stage_threshold) & (g > gamma), jnp.maximum(gamma, g / 4), g)
-        P, r, err = jax.lax.cond(
-            g_new < g, lambda: evaluate(x_new, g_new),
-            lambda: (P_new, _marginal_residual(P_new, a, b, formulation), err_new),
-        )
-        return x_new, g_new, P, r, err, it + 1, jnp.where(g_new < g, 0, stalls)
+    @property
+    def name(self) -> str:
+        return self.label
 
-    def running(carry):
-        _, g, _, _, err, it, stalls = carry
-        going = ((g > gamma) | (err > threshold)) & jnp.isfinite(err) & (stalls < patience)
-        return going & (it < max_iterations)
+    @property
+    def error_label(self) -> str:
+        return "marginal error"
 
-    g0 = jnp.maximum(gamma, start).astype(C.dtype)
-    x0 = _initial(C, b, g0, formulation, None)
-    carry = (x0, g0, *evaluate(x0, g0), jnp.asarray(0), jnp.asarray(0))
-    x, *_, it, _ = jax.lax.while_loop(running, body, carry)
-    return x, it
+    def _evaluate(self, data, x, g):
+        C, a, b, _ = data
+        P = recover(x, C, b, g, self.formulation, None)[2]
+        return P, _marginal_residual(P, a, b, self.formulation), marginal_error(P, a, b)
+
+    def init(self, data, init):
+        """`(x, stage gamma, plan, residual, error, stalls)`: the continuation's start,
+        or the warm start `init` at `gamma`."""
+        C, a, b, gamma = data
+        if init is None:
+            spread = jnp.max(C) - jnp.min(C)
+            start = jnp.where(jnp.isfinite(spread), 0.1 * spread * C.shape[1] / jnp.sum(a), 0.0)
+            g0 = jnp.maximum(gamma, start).astype(C.dtype)
+            x0 = _initial(C, b, g0, self.formulation, None)
+        else:
+            g0, x0 = jnp.asarray(gamma, C.dtype), init.astype(C.dtype)
+        return (x0, g0, *self._evaluate(data, x0, g0), jnp.asarray(0))
+
+    def step(self, data, state, k):
+        C, a, b, gamma = data
+        formulation = self.formulation
+        n, m = C.shape
+        null = _null_vector(n, m, formulation, C.dtype)
+        project = lambda z: z - null * (null @ z)  # noqa: E731
+        mass = jnp.sum(a)
+        threshold = jnp.asarray(self.threshold, C.dtype)
+        stage_threshold = jnp.maximum(threshold, 1e-2 * mass)
+
+        def body():
+            x, g, P, r, err, stalls = state
+            matvec, diagonal = _hessian(P, g, formulation)
+            mu = jnp.minimum(1.0, err / mass) / g
+            d, _ = jax.scipy.sparse.linalg.cg(
+                lambda v: project(matvec(project(v)) + mu * v), -project(r),
+                tol=jnp.minimum(0.1, jnp.sqrt(err / mass)), maxiter=self.cg_iterations,
+                M=lambda v: v / (diagonal + mu),
+            )
+            d = project(d)
+
+            def slope(t):
+                P_t = recover(x + t * d, C, b, g, formulation, None)[2]
+                return _marginal_residual(P_t, a, b, formulation) @ d, P_t
+
+            t, P_new = _line_search(slope, r @ d)
+            x_new, err_new = x + t * d, marginal_error(P_new, a, b)
+            stalls = jnp.where(err_new < err, 0, stalls + 1)
+            g_new = jnp.where((err_new <= stage_threshold) & (g > gamma), jnp.maximum(gamma, g / 4), g)
+            P, r, err = jax.lax.cond(
+                g_new < g, lambda: self._evaluate(data, x_new, g_new),
+                lambda: (P_new, _marginal_residual(P_new, a, b, formulation), err_new),
+            )
+            return (x_new, g_new, P, r, err, jnp.where(g_new < g, 0, stalls)), jnp.asarray(1)
+
+        _, g, _, _, err, _ = state
+        done = (g <= gamma) & (err <= threshold)  # only at k = 0: a converged warm start
+        state, n_run = jax.lax.cond(done, lambda: (state, jnp.asarray(0)), body)
+        _, g, _, _, err, stalls = state
+        return state, driver.Block(error=err, n_run=n_run, final=g <= gamma,
+                                   stalled=stalls >= self.patience)
 
 
 def _null_vector(n: int, m: int, formulation: str, dtype) -> Array:
@@ -375,11 +457,16 @@ def _residual(x, theta, formulation, k):
     return _marginal_residual(recover(x, C, b, gamma, formulation, k)[2], a, b, formulation)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def optimal_dual(formulation, k, method, max_iterations, memory_size, theta, threshold):
-    """`(x, n_iters)`: the maximiser of the dual in `theta = (C, a, b, gamma)`.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def optimal_dual(formulation, k, method, max_iterations, memory_size, report, theta, threshold,
+                 x0=None):
+    """`(x, n_iters)`: the maximiser of the dual in `theta = (C, a, b, gamma)`, from the
+    warm start `x0` (the variable, or None: a cold start).
 
-    Reverse-mode differentiable by the implicit function theorem on the residual."""
+    Reverse-mode differentiable by the implicit function theorem on the residual (no
+    gradient flows into `x0`). `report`: `(progress, name)`, progress lines labelled by
+    the solver's name."""
+    progress, name = report
     C, a, b, gamma = theta
     n = C.shape[0]
 
@@ -392,28 +479,35 @@ def optimal_dual(formulation, k, method, max_iterations, memory_size, theta, thr
     def error(x):
         return marginal_error(recover(x, C, b, gamma, formulation, k)[2], a, b)
 
-    if method == "lbfgs":
-        x0 = _initial(C, b, gamma, formulation, k)
-        return lbfgs(negated_dual, error, x0, threshold, max_iterations, memory_size)
-    x, it = newton(C, a, b, gamma, threshold, formulation, max_iterations)
+    if method == "lbfgs" or (k is not None and x0 is not None):
+        # a sparse warm start goes straight to the k-sparse dual
+        x0 = _initial(C, b, gamma, formulation, k) if x0 is None else x0
+        return lbfgs(negated_dual, error, x0, threshold, max_iterations, memory_size, progress,
+                     f"{name} lbfgs")
+    x, it = newton(C, a, b, gamma, threshold, formulation, max_iterations, x0, progress,
+                   f"{name} newton")
     if k is None:
         return x, it
     # Sparse: L-BFGS on the k-sparse dual, from the smooth optimum (optimal already
     # when no column of that plan has more than k non-zeros).
-    x, more = lbfgs(negated_dual, error, x, threshold, max_iterations, memory_size)
+    x, more = lbfgs(negated_dual, error, x, threshold, max_iterations, memory_size, progress,
+                    f"{name} lbfgs")
     return x, it + more
 
 
-def _optimal_dual_fwd(formulation, k, method, max_iterations, memory_size, theta, threshold):
-    x, it = optimal_dual(formulation, k, method, max_iterations, memory_size, theta, threshold)
-    return (x, it), (x, theta, threshold)
+def _optimal_dual_fwd(formulation, k, method, max_iterations, memory_size, report, theta,
+                      threshold, x0=None):
+    x, it = optimal_dual(formulation, k, method, max_iterations, memory_size, report, theta,
+                         threshold, x0)
+    return (x, it), (x, theta, threshold, x0)
 
 
-def _optimal_dual_bwd(formulation, k, method, max_iterations, memory_size, saved, cotangents):
+def _optimal_dual_bwd(formulation, k, method, max_iterations, memory_size, report, saved,
+                      cotangents):
     r"""$\bar\theta = -(\partial_\theta r)^\top z$ with $H z = \bar x$, $H = \partial_x r$
     (the PSD dual Hessian): conjugate gradients on the complement of its constant
     null direction, which gives the minimum-norm (gauge-free) solution."""
-    x, theta, threshold = saved
+    x, theta, threshold, x0 = saved
     x_bar = cotangents[0]
     C = theta[0]
     null = _null_vector(C.shape[0], C.shape[1], formulation, x.dtype)
@@ -424,7 +518,7 @@ def _optimal_dual_bwd(formulation, k, method, max_iterations, memory_size, saved
     z, _ = jax.scipy.sparse.linalg.cg(hvp, project(x_bar), tol=tol, maxiter=10 * x.shape[0])
     _, pullback = jax.vjp(lambda t: _residual(x, t, formulation, k), theta)
     (theta_bar,) = pullback(-project(z))
-    return theta_bar, jnp.zeros_like(threshold)
+    return theta_bar, jnp.zeros_like(threshold), jax.tree.map(jnp.zeros_like, x0)
 
 
 optimal_dual.defvjp(_optimal_dual_fwd, _optimal_dual_bwd)
@@ -434,8 +528,10 @@ optimal_dual.defvjp(_optimal_dual_fwd, _optimal_dual_bwd)
 def solve_quadratic(
     problem: LinearProblem, gamma, threshold, *, formulation: str, k: int | None,
     method: str, max_iterations: int, memory_size: int, throw: bool, name: str,
+    init=None, progress: bool = False,
 ) -> PlanSolution:
-    """The jitted entry shared by `SmoothOT` and `SparseOT` (`k` static, or None)."""
+    """The jitted entry shared by `SmoothOT` and `SparseOT` (`k` static, or None);
+    `init`: checked warm-start potentials `(f, g)` (see `SmoothOT.__call__`), or None."""
     a, b = _checks.traced_checks(problem, jnp.ones((), problem.a.dtype))
     gamma = jnp.asarray(gamma, a.dtype)
     a = eqx.error_if(
@@ -446,22 +542,21 @@ def solve_quadratic(
     )
     C = problem.geom.cost_matrix().astype(a.dtype)
     theta = (C, a, b, gamma)
+    x0 = None
+    if init is not None:  # the dual's variable is (f, g); the semi-dual's is f alone
+        f0, g0 = (jax.lax.stop_gradient(jnp.asarray(z, a.dtype)) for z in init)
+        x0 = jnp.concatenate([f0, g0]) if formulation == "dual" else f0
     x, n_iters = optimal_dual(
-        formulation, k, method, max_iterations, memory_size, theta, threshold
+        formulation, k, method, max_iterations, memory_size, (progress, name), theta, threshold,
+        x0,
     )
     f, g, P = recover(x, C, b, gamma, formulation, k)
     stopped = jax.lax.stop_gradient((f, g, P))
     reg_cost = lagrangian(*stopped, C, a, b, gamma)
     error = jax.lax.stop_gradient(marginal_error(P, a, b))
-    converged = jnp.isfinite(error) & (error <= threshold)
-    status = jnp.where(
-        converged,
-        Status.CONVERGED,
-        jnp.where(jnp.isfinite(error), Status.MAX_ITERATIONS, Status.DIVERGED),
-    )
-    if throw:
-        messages = tuple(MESSAGES[s] for s in Status)
-        P = eqx.branched_error_if(P, status != Status.CONVERGED, status, messages)
+    trace = driver.Trace(n_iters, error[None], error, jnp.asarray(True))
+    converged, status = driver.status_of(trace, threshold)
+    P = driver.finish(P, status, throw)
     return PlanSolution(problem, P, f, g, reg_cost, n_iters, error, converged, status)
 
 
@@ -554,6 +649,8 @@ class SmoothOT(eqx.Module):
             continuation in $\gamma$; tens of steps) or `"lbfgs"` (optax's L-BFGS;
             hundreds of steps, and in float32 it can stall above `threshold` for
             $\gamma \lesssim 0.1$); static. Both converge to the same optimum.
+        progress: print one line per iteration through the shared driver (iteration,
+            L1 marginal error); static.
 
     Returns (when called on a balanced `LinearProblem`, optionally `throw=True`): a
     `monge.solution.PlanSolution` with the plan, potentials `f`, `g`, `reg_cost` (the
@@ -588,6 +685,7 @@ class SmoothOT(eqx.Module):
     max_iterations: int = eqx.field(default=500, static=True)
     memory_size: int | None = eqx.field(default=None, static=True)
     method: str = eqx.field(default="newton", static=True)
+    progress: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
         check_options(
@@ -611,13 +709,30 @@ class SmoothOT(eqx.Module):
         """The L-BFGS memory used: `memory_size`, or `LBFGS_MEMORY` when None."""
         return LBFGS_MEMORY if self.memory_size is None else self.memory_size
 
-    def __call__(self, problem: LinearProblem, *, throw: bool = False) -> PlanSolution:
-        """Solve `problem`. With `throw=True`, a run that does not converge raises an
-        `EquinoxRuntimeError` carrying the status message instead of returning."""
+    def __call__(self, problem: LinearProblem, *, init=None, throw: bool = False) -> PlanSolution:
+        """Solve `problem`.
+
+        Args:
+            problem: a balanced `LinearProblem`.
+            init: a warm start: a previous solution (of a problem of the same shape) or
+                dual potentials `(f, g)` of shapes `(n,)`, `(m,)`; no gradient flows into
+                it. With `formulation="dual"` both start the iteration; with
+                `"semi_dual"` only `f` does (the semi-dual's variable: `g` is recomputed
+                from `f` as the column thresholds, so a given `g` is not used). Newton
+                then starts at `gamma` itself, without continuation. The optimum, hence
+                the result to `threshold` and the gradients, is the same as from a cold
+                start; a start that already meets `threshold` runs no iteration.
+            throw: raise an `EquinoxRuntimeError` carrying the status message instead of
+                returning a run that did not converge.
+
+        Raises:
+            ValueError: `init` is not a solution or a pair `(f, g)` of those shapes.
+        """
         check_problem("SmoothOT", problem)
         return solve_quadratic(
             problem, self.gamma, self.threshold, formulation=self.formulation, k=None,
             method=self.method, max_iterations=self.max_iterations,
             memory_size=self.lbfgs_memory,
-            throw=throw, name="SmoothOT",
+            throw=throw, name="SmoothOT", init=warm_start(init, problem.geom.shape),
+            progress=self.progress,
         )

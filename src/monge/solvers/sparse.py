@@ -33,6 +33,7 @@ from jaxtyping import Array, Float
 from monge.geometry import as_float_array
 from monge.problems import LinearProblem
 from monge.solution import PlanSolution
+from monge.solvers.sinkhorn import warm_start
 from monge.solvers.smooth import check_options, check_problem, solve_quadratic
 
 __all__ = ["SparseOT"]
@@ -71,6 +72,8 @@ class SparseOT(eqx.Module):
         max_iterations: at most this many Newton steps for the start, and as many
             L-BFGS steps after it; static.
         memory_size: number of L-BFGS correction pairs; static.
+        progress: print one line per iteration (Newton, then L-BFGS) through the shared
+            driver; static.
 
     Returns (when called on a balanced `LinearProblem`, optionally `throw=True`): a
     `monge.solution.PlanSolution`, as `SmoothOT`; its plan has at most `k`
@@ -95,6 +98,7 @@ class SparseOT(eqx.Module):
     threshold: Float[Array, ""] = eqx.field(default=1e-4, converter=as_float_array)
     max_iterations: int = eqx.field(default=500, static=True)
     memory_size: int = eqx.field(default=10, static=True)
+    progress: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
         if not (isinstance(self.k, int) and not isinstance(self.k, bool) and self.k >= 1):
@@ -107,13 +111,31 @@ class SparseOT(eqx.Module):
             self.memory_size,
         )
 
-    def __call__(self, problem: LinearProblem, *, throw: bool = False) -> PlanSolution:
-        """Solve `problem`. With `throw=True`, a run that does not converge raises an
-        `EquinoxRuntimeError` carrying the status message instead of returning."""
+    def __call__(self, problem: LinearProblem, *, init=None, throw: bool = False) -> PlanSolution:
+        """Solve `problem`.
+
+        Args:
+            problem: a balanced `LinearProblem`.
+            init: a warm start: a previous solution (of a problem of the same shape) or
+                dual potentials `(f, g)` of shapes `(n,)`, `(m,)`; no gradient flows into
+                it. With `formulation="dual"` both start the iteration; with
+                `"semi_dual"` only `f` does (the semi-dual's variable: `g` is recomputed
+                from `f` as the column thresholds, so a given `g` is not used). Newton
+                then starts at `gamma` itself, without continuation (SparseOT: L-BFGS on the k-sparse dual
+                starts from it directly, without the Newton start). The optimum, hence
+                the result to `threshold` and the gradients, is the same as from a cold
+                start; a start that already meets `threshold` runs no iteration.
+            throw: raise an `EquinoxRuntimeError` carrying the status message instead of
+                returning a run that did not converge.
+
+        Raises:
+            ValueError: `init` is not a solution or a pair `(f, g)` of those shapes.
+        """
         check_problem("SparseOT", problem)
         return solve_quadratic(
             problem, self.gamma, self.threshold, formulation=self.formulation,
             k=min(self.k, problem.geom.shape[0]), method="newton",
             max_iterations=self.max_iterations,
             memory_size=self.memory_size, throw=throw, name="SparseOT",
+            init=warm_start(init, problem.geom.shape), progress=self.progress,
         )
