@@ -228,3 +228,24 @@ def test_driver_counts_stops_and_statuses():
     # unrolled: the same stop, by masking
     state, trace = driver.fixed_point(solver, 1.0, solver.init(1.0, None), unrolled=True)
     assert int(trace.n_iters) == 12 and float(state) == 2.0**-12
+
+
+def test_front_door_passes_warm_starts_or_says_why_not(clouds):
+    """`monge.solve(init=...)` reaches Sinkhorn and entropic partial OT (same answer as
+    cold, against POT), and is an error where the solver takes no warm start."""
+    x, y, a, b = clouds
+    M = sqdist(x, y)
+    with jax.enable_x64(True):
+        cold = monge.solve(x, y, a=a, b=b, epsilon=0.5, threshold=1e-9)
+        warm = monge.solve(x, y, a=a, b=b, epsilon=0.5, threshold=1e-9, init=cold)
+        ref = ot.sinkhorn(a, b, M, 0.5, method="sinkhorn_log", stopThr=1e-14, numItermax=100_000)
+        np.testing.assert_allclose(np.asarray(warm.plan), ref, atol=1e-8)
+        assert int(warm.n_iters) < int(cold.n_iters)
+        part = monge.solve(x, y, a=a, b=b, epsilon=0.5, mass=0.5, threshold=1e-9)
+        again = monge.solve(x, y, a=a, b=b, epsilon=0.5, mass=0.5, threshold=1e-9, init=part)
+        ref = ot.partial.entropic_partial_wasserstein(a, b, M, 0.5, m=0.5, stopThr=1e-14, numItermax=100_000)
+        np.testing.assert_allclose(np.asarray(again.plan), ref, atol=1e-8)
+    with pytest.raises(ValueError, match="take no warm start"):
+        monge.solve(x, y, epsilon=0, init=cold)
+    with pytest.raises(ValueError, match="init=... has no effect on partial OT"):
+        monge.solve(x, y, epsilon=0, mass=0.5, init=cold)

@@ -49,13 +49,14 @@ def _dispatch(geom: AbstractGeometry, a, b, epsilon, tau_a, tau_b, mass, thresho
         ignored = [name for name, used in (("implicit_diff=False", not implicit_diff),
                                            ("progress=True", progress),
                                            ("online=True", online is True),
-                                           ("init=...", init is not None)) if used]
+                                           ("init=...", init is not None and exact and mass is not None))
+                   if used]
         if ignored:
             kind = "exact OT (epsilon=0)" if mass is None else "partial OT (mass=...)"
             raise ValueError(
                 f"{', '.join(ignored)} has no effect on {kind}, which stores the cost "
-                "matrix, reports no progress, takes no warm start and differentiates "
-                "through its duals; "
+                "matrix, reports no progress and differentiates through its duals (and, "
+                "exact partial OT, takes no warm start); "
                 "remove the option(s), or use epsilon > 0 without `mass`."
             )
     if mass is not None:
@@ -69,11 +70,11 @@ def _dispatch(geom: AbstractGeometry, a, b, epsilon, tau_a, tau_b, mass, thresho
         if exact:
             return PartialExact(Exact(max_iterations=max_iterations))(problem, throw=throw)
         extra = {} if max_iterations is None else {"max_iterations": max_iterations}
-        return PartialSinkhorn(threshold=threshold, **extra)(problem, throw=throw)
+        return PartialSinkhorn(threshold=threshold, **extra)(problem, init=init, throw=throw)
     if exact:
         check_balanced(tau_a, tau_b)
         problem = LinearProblem(geom, a, b, tau_a=tau_a, tau_b=tau_b)
-        return Exact(max_iterations=max_iterations)(problem, throw=throw)
+        return Exact(max_iterations=max_iterations)(problem, init=init, throw=throw)
     problem = LinearProblem(geom, a, b, epsilon=epsilon, tau_a=tau_a, tau_b=tau_b)
     adjoint = ImplicitAdjoint() if implicit_diff else UnrolledAdjoint()
     solver = Sinkhorn(
@@ -192,7 +193,10 @@ def solve(
         throw: raise instead of returning a non-converged solution.
         init: a warm start: a previous solution of a problem of the same shape (e.g.
             the last iterate of an outer loop) or potentials `(f, g)`; same answer to
-            the threshold, usually in fewer iterations (`Sinkhorn.__call__`).
+            the threshold, usually in fewer iterations (`Sinkhorn.__call__`,
+            `PartialSinkhorn`). Exact OT's default network simplex takes none (a
+            `ValueError`; `monge.Exact(method="auction")` does), nor does exact partial
+            OT.
 
     Returns:
         A `Solution` with `f`, `g`, `plan`, `apply`, `cost`, `reg_cost`, `converged`,
