@@ -29,7 +29,7 @@ import ot
 from scipy.optimize import linear_sum_assignment
 
 import monge
-from monge.solvers.exact import Exact
+from monge.solvers.linear.exact import Exact
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:

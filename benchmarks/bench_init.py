@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 import monge
 from bench_sinkhorn import TARGET, data  # the same problems as the speed table
-from monge.solvers import initializers
+from monge.solvers.linear import initializers
 
 
 def run(x, y, eps, init, anneal, repeats):

@@ -1,4 +1,4 @@
-"""`Exact(method="auction")` (`monge.solvers.auction`) against scipy's
+"""`Exact(method="auction")` (`monge.solvers.linear.auction`) against scipy's
 `linear_sum_assignment` in float64, and its certificate (float32 and float64)."""
 
 
@@ -11,9 +11,9 @@ from conftest import compile_log, sqdist
 from scipy.optimize import linear_sum_assignment
 
 import monge
-from monge.solvers.auction import auction
-from monge.solvers.exact import Exact
-from monge.solvers.partial import PartialExact
+from monge.solvers.linear.auction import auction
+from monge.solvers.linear.exact import Exact
+from monge.solvers.linear.partial import PartialExact
 
 RUNTIME = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
 FIELDS = ("plan", "f", "g", "cost", "reg_cost", "error", "status", "n_iters")

@@ -13,10 +13,10 @@ from conftest import sqdist
 from scipy.optimize import linear_sum_assignment
 
 import monge
-from monge.solvers.auction import auction
-from monge.solvers.exact import Exact
-from monge.solvers.smooth import SmoothOT
-from monge.solvers.sparse import SparseOT
+from monge.solvers.linear.auction import auction
+from monge.solvers.linear.exact import Exact
+from monge.solvers.linear.smooth import SmoothOT
+from monge.solvers.linear.sparse import SparseOT
 
 
 def _port_clouds(n, m, seed, shift=0.5):

@@ -1,4 +1,4 @@
-"""Exact OT (`monge.solvers.exact`) against POT's network simplex, scipy's
+"""Exact OT (`monge.solvers.linear.exact`) against POT's network simplex, scipy's
 `linear_sum_assignment` and finite differences of POT's `emd2`/`emd` (float64)."""
 
 import sys
@@ -13,7 +13,7 @@ from conftest import sqdist, compile_log
 from scipy.optimize import linear_sum_assignment
 
 import monge
-from monge.solvers.exact import Exact
+from monge.solvers.linear.exact import Exact
 
 RUNTIME = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
 
@@ -151,7 +151,7 @@ def test_host_methods_solve_a_vmapped_batch_in_one_call(monkeypatch):
     """Nested vmap over costs and weights (a 2 x 3 batch, weights batched along one
     axis only): one host round trip for the whole batch, and every problem's cost,
     duals and status as if solved alone (POT, scipy)."""
-    from monge.solvers import exact
+    from monge.solvers.linear import exact
 
     rng = np.random.default_rng(5)
     n = 6

@@ -16,7 +16,7 @@ from conftest import sqdist
 
 import monge
 from monge import costs
-from monge.solvers import initializers
+from monge.solvers.linear import initializers
 
 #: `initializers.SUBSAMPLE` in this module: 16 of the 40 and 33 points of `make_case`.
 SUBSAMPLE = 16

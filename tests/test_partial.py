@@ -1,4 +1,4 @@
-"""Partial OT (`monge.solvers.partial`) against POT's `ot.partial` (float64) and
+"""Partial OT (`monge.solvers.linear.partial`) against POT's `ot.partial` (float64) and
 finite differences."""
 
 import equinox as eqx
@@ -10,8 +10,9 @@ import pytest
 from conftest import sqdist
 
 import monge
-from monge.solvers.exact import Exact
-from monge.solvers.partial import PartialExact, PartialProblem, PartialSinkhorn
+from monge.solvers.linear.exact import Exact
+from monge.problems import PartialProblem
+from monge.solvers.linear.partial import PartialExact, PartialSinkhorn
 
 RUNTIME = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
 
@@ -143,7 +144,7 @@ def test_partial_errors(data):
         _problem(C, a, b, 0.5, -1.0)
     with pytest.raises(ValueError, match=r"`exact` must be an Exact solver with method 'network_simplex' or 'sinkhorn_rounding'"):
         PartialExact(Exact(method="assignment"))
-    with pytest.raises(ValueError, match=r"`PartialExact` solves a monge.solvers.partial.PartialProblem"):
+    with pytest.raises(ValueError, match=r"`PartialExact` solves a monge.solvers.linear.partial.PartialProblem"):
         PartialExact()(monge.LinearProblem(monge.CostMatrix(C)))
     with pytest.raises(RUNTIME, match=r"`mass` must lie in \(0, min\(sum\(a\), sum\(b\)\)\]"):
         jax.jit(lambda m: PartialExact()(_problem(C, a, b, m)).cost)(jnp.asarray(2.0))

@@ -21,10 +21,11 @@ import pytest
 import monge
 from monge import cli
 from monge.geometry import ONLINE_ABOVE
-from monge.solvers.exact import Exact
-from monge.solvers.partial import PartialExact, PartialProblem
-from monge.solvers.smooth import SmoothOT
-from monge.solvers.sparse import SparseOT
+from monge.solvers.linear.exact import Exact
+from monge.problems import PartialProblem
+from monge.solvers.linear.partial import PartialExact
+from monge.solvers.linear.smooth import SmoothOT
+from monge.solvers.linear.sparse import SparseOT
 
 ot = pytest.importorskip("ot")
 
@@ -298,7 +299,7 @@ def test_api_nan_points_eager_error(n):
 
 @pytest.mark.parametrize("n", [7])
 def test_api_nan_points_eager_error_jit_nan_or_diverged(n):
-    """The rule (documented in `_checks`, `solve` and the README): concrete non-finite
+    """The rule (documented in `checks`, `solve` and the README): concrete non-finite
     points raise a ValueError; under `jit` they cannot be read, and the result says so
     (status DIVERGED for solvers, NaN for functions that return a number), never a
     finite number."""
@@ -444,7 +445,7 @@ def test_api_install_hints_work_from_a_clone(monkeypatch):
     """monge is not on PyPI: hints name PyPI packages, or extras of the local checkout
     that pyproject.toml defines."""
     extras = tomllib.loads((_API_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    from monge.solvers import exact
+    from monge.solvers.linear import exact
 
     monkeypatch.setitem(sys.modules, "ot", None)
     with pytest.raises(ImportError) as info:

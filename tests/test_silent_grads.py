@@ -4,7 +4,7 @@ potentials are right or raise, never silently zero or wrong.
 References are independent of the code under test: finite differences of POT's
 `ot.partial.entropic_partial_wasserstein` plan (float64, converged to 1e-15) and of
 duals rebuilt from it in NumPy; finite differences of POT's `ot.emd` duals, gauge-fixed
-and c-transformed in NumPy as the docstring of `monge.solvers.exact` says.
+and c-transformed in NumPy as the docstring of `monge.solvers.linear.exact` says.
 """
 
 import equinox as eqx
@@ -16,8 +16,9 @@ import pytest
 from conftest import sqdist
 
 import monge
-from monge.solvers.exact import Exact
-from monge.solvers.partial import PartialExact, PartialProblem, PartialSinkhorn
+from monge.solvers.linear.exact import Exact
+from monge.problems import PartialProblem
+from monge.solvers.linear.partial import PartialExact, PartialSinkhorn
 
 _GRAD_RUNTIME = (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError)
 _GRAD_ARGS = ("C", "a", "b", "mass", "eps")

@@ -12,8 +12,9 @@ import pytest
 
 import monge
 from monge.solution import Status
-from monge.solvers.exact import Exact
-from monge.solvers.partial import PartialExact, PartialProblem, PartialSinkhorn
+from monge.solvers.linear.exact import Exact
+from monge.problems import PartialProblem
+from monge.solvers.linear.partial import PartialExact, PartialSinkhorn
 
 _SCALE_BIG = 1e3  # the finite stand-in of a forbidden pair in the float64 references
 

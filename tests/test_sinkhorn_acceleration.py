@@ -14,8 +14,8 @@ from scipy.special import logsumexp
 
 import monge
 from monge.geometry import ONE_PASS_FLOOR
-from monge.solvers.sinkhorn import _Steps
-from monge.solvers.sinkhorn import _next_omega as _next_omega_of_errors
+from monge.solvers.linear.sinkhorn import _Steps
+from monge.solvers.linear.sinkhorn import _next_omega as _next_omega_of_errors
 
 
 def _next_omega(omega, errors, k, inner, at_target):

@@ -15,7 +15,7 @@ import pytest
 from conftest import central_difference, compile_log, sqdist
 
 from monge import CostMatrix, LinearProblem, PointCloud
-from monge.solvers.smooth import SmoothOT
+from monge.solvers.linear.smooth import SmoothOT
 
 POT_SOLVERS = {"dual": ot.smooth.smooth_ot_dual, "semi_dual": ot.smooth.smooth_ot_semi_dual}
 

@@ -16,7 +16,7 @@ from conftest import central_difference, compile_log, sqdist
 from scipy.optimize import linear_sum_assignment
 
 from monge import CostMatrix, LinearProblem
-from monge.solvers.sparse import SparseOT
+from monge.solvers.linear.sparse import SparseOT
 
 
 def pot(a, b, C, gamma, **kwargs):

@@ -8,13 +8,12 @@ Importing monge never changes JAX's configuration.
 from monge import costs, datasets, geometry, plot, problems, solution, solvers, tools
 from monge.front import solve, solve_matrix
 from monge.geometry import CostMatrix, PointCloud
-from monge.problems import LinearProblem
+from monge.problems import LinearProblem, PartialProblem
 from monge.solution import Solution, Status
 from monge.solvers import (
     Exact,
     ImplicitAdjoint,
     PartialExact,
-    PartialProblem,
     PartialSinkhorn,
     Sinkhorn,
     SmoothOT,

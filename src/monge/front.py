@@ -12,21 +12,22 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from monge import _checks
+from monge import checks
 from monge.costs import AbstractCost, Euclidean, PNorm, SqEuclidean, as_cost
 from monge.geometry import AbstractGeometry, CostMatrix, PointCloud
 from monge.problems import LinearProblem
 from monge.solution import PlanSolution, Solution
 from monge.solvers import ImplicitAdjoint, Sinkhorn, UnrolledAdjoint
-from monge.solvers.exact import Exact, check_balanced
-from monge.solvers.partial import PartialExact, PartialProblem, PartialSinkhorn
+from monge.solvers.linear.exact import Exact, check_balanced
+from monge.problems import PartialProblem
+from monge.solvers.linear.partial import PartialExact, PartialSinkhorn
 
 __all__ = ["solve", "solve_matrix"]
 
 
 def _is_zero(epsilon) -> bool:
     """Whether `epsilon` is a concrete 0 (exact OT); a traced epsilon is entropic."""
-    value = None if epsilon is None else _checks.concrete(epsilon)
+    value = None if epsilon is None else checks.concrete(epsilon)
     return value is not None and value.ndim == 0 and float(value) == 0.0
 
 
@@ -35,7 +36,7 @@ def _dispatch(geom: AbstractGeometry, a, b, epsilon, tau_a, tau_b, mass, thresho
     exact = _is_zero(epsilon)
     if exact:
         kind = "exact OT (epsilon=0)" if mass is None else "exact partial OT (epsilon=0, mass=...)"
-        _checks.reject_unused(
+        checks.reject_unused(
             kind[0].upper() + kind[1:], {"threshold": threshold},
             "has no effect: the network simplex solves the linear programme exactly and "
             "has no stopping tolerance",
@@ -117,7 +118,7 @@ DEFAULT_THRESHOLD = 1e-3
 
 
 def _is_one(tau) -> bool:
-    value = _checks.concrete(tau)
+    value = checks.concrete(tau)
     return value is None or bool(np.all(value == 1))
 
 
@@ -146,8 +147,8 @@ def solve(
     penalties on the marginals when `tau_a` or `tau_b` < 1) with $C_{ij} = c(x_i, y_j)$,
     by log-domain Sinkhorn. With `epsilon=0`, solves the exact problem
     $\min_{P\mathbf 1 = a, P^\top\mathbf 1 = b} \langle C, P\rangle$ by the network
-    simplex (`monge.solvers.exact.Exact`, needs POT: ``pip install pot``).
-    With `mass=m`, transports only the mass $m$ (partial OT, `monge.solvers.partial`):
+    simplex (`monge.solvers.linear.exact.Exact`, needs POT: ``pip install pot``).
+    With `mass=m`, transports only the mass $m$ (partial OT, `monge.solvers.linear.partial`):
     exactly when `epsilon=0`, else with the entropy $\varepsilon\sum P\log P$.
 
     Args:

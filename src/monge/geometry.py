@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from monge import _checks
+from monge import checks
 from monge.costs import AbstractCost, SqEuclidean, as_cost
 
 __all__ = [
@@ -323,7 +323,7 @@ def as_float_array(z) -> Array:
 
 
 def _check_matrix(C) -> None:
-    _checks.check_nonempty_matrix("C", C)
+    checks.check_nonempty_matrix("C", C)
 
 
 class CostMatrix(AbstractGeometry):
@@ -336,7 +336,7 @@ class CostMatrix(AbstractGeometry):
         (2, 2)
     """
 
-    C: Float[Array, "n m"] = eqx.field(converter=functools.partial(_checks.as_real_array, "C"))
+    C: Float[Array, "n m"] = eqx.field(converter=functools.partial(checks.as_real_array, "C"))
 
     def __check_init__(self):
         _check_matrix(self.C)
@@ -391,8 +391,8 @@ class PointCloud(AbstractGeometry):
         Array(2., dtype=float32)
     """
 
-    x: Float[Array, "n d"] = eqx.field(converter=functools.partial(_checks.as_real_array, "x"))
-    y: Float[Array, "m d"] = eqx.field(converter=functools.partial(_checks.as_real_array, "y"))
+    x: Float[Array, "n d"] = eqx.field(converter=functools.partial(checks.as_real_array, "x"))
+    y: Float[Array, "m d"] = eqx.field(converter=functools.partial(checks.as_real_array, "y"))
     cost: AbstractCost = eqx.field(default_factory=SqEuclidean, converter=as_cost)
     online: bool | None = eqx.field(default=None, static=True)
     chunk_size: int | None = eqx.field(default=None, static=True)
@@ -400,8 +400,8 @@ class PointCloud(AbstractGeometry):
 
     def __check_init__(self):
         for name, z in (("x", self.x), ("y", self.y)):
-            _checks.check_cloud(name, z)
-            _checks.check_points(name, z)
+            checks.check_cloud(name, z)
+            checks.check_points(name, z)
         if self.x.shape[1] != self.y.shape[1]:
             raise ValueError(
                 f"`x` and `y` must have the same dimension d; received x of shape "

@@ -1,11 +1,14 @@
-"""Solvers: how to solve a problem. Small immutable configuration objects."""
+"""Solvers: how to solve a problem. Small immutable configuration objects.
+
+- `driver`: the shared fixed-point loop every iterative solver runs on
+  (`AbstractIterativeSolver`, `fixed_point`, `status_of`, `finish`).
+- `adjoint`: how gradients flow through entropic solvers (implicit, unrolled).
+- `batching`: the vmap rule that solves a batch problem by problem.
+- `linear/`: solvers of linear problems (Sinkhorn, exact, partial, smooth, sparse).
+"""
 
 from monge.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint
-from monge.solvers.exact import Exact
-from monge.solvers.partial import PartialExact, PartialProblem, PartialSinkhorn
-from monge.solvers.sinkhorn import Sinkhorn
-from monge.solvers.smooth import SmoothOT
-from monge.solvers.sparse import SparseOT
+from monge.solvers.linear import Exact, PartialExact, PartialSinkhorn, Sinkhorn, SmoothOT, SparseOT
 
 __all__ = [
     "AbstractAdjoint",
@@ -13,7 +16,6 @@ __all__ = [
     "UnrolledAdjoint",
     "Sinkhorn",
     "Exact",
-    "PartialProblem",
     "PartialExact",
     "PartialSinkhorn",
     "SmoothOT",

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from monge.geometry import as_float_array
 from monge.solution import MESSAGES, Status
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "status_of",
     "status_from",
     "finish",
+    "warm_start",
 ]
 
 
@@ -202,6 +204,27 @@ def finish(value, status, throw: bool):
         return value
     messages = tuple(MESSAGES[s] for s in Status)
     return eqx.branched_error_if(value, status != Status.CONVERGED, status, messages)
+
+
+def warm_start(init, shape) -> tuple | None:
+    """`init` as potentials `(f, g)`: from a previous solution (anything with `f` and
+    `g`) or a pair of arrays, checked against the problem's `shape` `(n, m)`."""
+    if init is None:
+        return None
+    pair = (init.f, init.g) if hasattr(init, "f") and hasattr(init, "g") else init
+    n, m = shape
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise ValueError(
+            "`init` must be a previous solution or a pair of potentials (f, g) of shapes "
+            f"({n},) and ({m},); received {type(init).__name__}."
+        )
+    f, g = (as_float_array(z) for z in pair)
+    if f.shape != (n,) or g.shape != (m,):
+        raise ValueError(
+            f"`init` potentials must have shapes ({n},) and ({m},), one per point of the "
+            f"problem; received {tuple(f.shape)} and {tuple(g.shape)}."
+        )
+    return f, g
 
 
 def _report(name, label, it, err, max_iterations):

@@ -30,12 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from monge import _checks
-from monge._checks import concrete
+from monge import checks
+from monge.checks import concrete
 from monge.front import solve
 from monge.solution import Solution
-from monge.tools.sliced import _check_clouds
-from monge.tools.univariate import _check_weights
 
 __all__ = ["PRWResult", "projection_robust_wasserstein"]
 
@@ -145,7 +143,7 @@ def _initial_basis(init, key, d: int, k: int, dtype) -> Array:
         raise ValueError(
             f"`monge.{_FN}` got both `key` and `init`: `key` only draws a random start, "
             "which `init` replaces; pass one of them.")
-    init = _checks.as_real_array("init", init, _FN)
+    init = checks.as_real_array("init", init, _FN)
     if np.shape(init) != (d, k):
         raise ValueError(
             f"`monge.{_FN}(init=...)` must have shape (d, k) = ({d}, {k}); received "
@@ -226,15 +224,15 @@ def projection_robust_wasserstein(
         >>> round(float(res.value), 1), round(abs(float(res.U[0, 0])), 2)
         (4.0, 1.0)
     """
-    x, y = _check_clouds(x, y, _FN)
+    x, y = checks.tool_clouds(x, y, _FN)
     d = x.shape[1]
     k = _check_int("k", k, 1, d, f"Pass the dimension of the subspace, 1 <= k <= d = {d}.")
     n_steps = _check_int("n_steps", n_steps, 1, None, "Pass e.g. n_steps=50.")
     max_iterations = _check_int("max_iterations", max_iterations, 1, None,
                                 "Pass e.g. max_iterations=2000.")
     _check_positive("step_size", step_size, "Pass e.g. step_size=0.25.")
-    a = _check_weights(a, x.shape[0], "a", "x", _FN, x.dtype)
-    b = _check_weights(b, y.shape[0], "b", "y", _FN, x.dtype)
+    a = checks.tool_weights(a, x.shape[0], "a", "x", _FN, x.dtype)
+    b = checks.tool_weights(b, y.shape[0], "b", "y", _FN, x.dtype)
     a, b = a / jnp.sum(a), b / jnp.sum(b)
     if epsilon is None:
         epsilon = _default_epsilon(*jax.lax.stop_gradient((x, y, a, b)), k=k)

@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from monge import _checks
-from monge._checks import concrete
+from monge import checks
+from monge.checks import concrete
 from monge.costs import AbstractCost, as_cost
-from monge.tools.univariate import _float_dtype
 
 __all__ = ["SemidiscreteSolution", "semidiscrete"]
 
@@ -185,13 +184,13 @@ def _check_scalar(name: str, value, positive: bool, hint: str) -> None:
 
 
 def _check_target(y, b) -> tuple[Array, Array]:
-    y = _checks.as_real_array("y", y, "semidiscrete")
-    b = None if b is None else _checks.as_real_array("b", b, "semidiscrete")
+    y = checks.as_real_array("y", y, "semidiscrete")
+    b = None if b is None else checks.as_real_array("b", b, "semidiscrete")
     if len(np.shape(y)) != 2 or 0 in np.shape(y):
         raise ValueError(
             f"`monge.semidiscrete(y=...)` must be a non-empty (m, d) array of target "
             f"atoms; received shape {np.shape(y)}. For 1-D atoms pass y[:, None].")
-    dtype = _float_dtype(y)
+    dtype = checks.float_dtype(y)
     y = jnp.asarray(y, dtype=dtype)
     yc = concrete(y)
     if yc is not None and not np.all(np.isfinite(yc)):

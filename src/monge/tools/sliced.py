@@ -15,40 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from monge import _checks
+from monge import checks
 
 from monge.tools.univariate import (
-    _check_p,
-    _check_weights,
-    _is_concrete,
-    _float_dtype,
-    _wasserstein_1d_checked,
-    _wasserstein_1d_rows,
+    check_p,
     wasserstein_1d,
+    wasserstein_1d_checked,
+    wasserstein_1d_rows,
 )
 
 __all__ = ["sliced_wasserstein", "max_sliced_wasserstein"]
-
-
-def _check_clouds(x, y, fn: str) -> tuple[Array, Array]:
-    """Checks two point clouds (n, d) and (m, d); returns them in a float dtype."""
-    x = _checks.as_real_array("x", x, fn)
-    y = _checks.as_real_array("y", y, fn)
-    sx, sy = np.shape(x), np.shape(y)
-    for name, z in (("x", x), ("y", y)):
-        shape = np.shape(z)
-        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
-            raise ValueError(
-                f"`monge.{fn}({name}=...)` must be a non-empty (n, d) array of n "
-                f"points in dimension d, got shape {shape}: for 1-D data pass "
-                f"{name}[:, None].")
-        _checks.check_points(f"monge.{fn}({name}=...)", z)
-    if sx[1] != sy[1]:
-        raise ValueError(
-            f"`monge.{fn}`: x has shape {sx} but y has shape {sy}: both point clouds "
-            "must live in the same dimension d (the same number of columns).")
-    dtype = _float_dtype(x, y)
-    return jnp.asarray(x, dtype=dtype), jnp.asarray(y, dtype=dtype)
 
 
 def _check_key(key, fn: str):
@@ -126,7 +102,7 @@ def sliced_wasserstein(
         1.3333333730697632
     """
     fn = "sliced_wasserstein"
-    x, y = _check_clouds(x, y, fn)
+    x, y = checks.tool_clouds(x, y, fn)
     d = x.shape[1]
     if directions is None:
         n_projections = 64 if n_projections is None else n_projections
@@ -147,13 +123,13 @@ def sliced_wasserstein(
             raise ValueError(
                 f"`monge.{fn}(directions=...)` must have shape (k, {d}) (one direction "
                 f"per row, k >= 1, in the dimension of x), got shape {shape}.")
-        directions = _checks.as_real_array("directions", directions, fn).astype(x.dtype)
-        _checks.check_points(f"monge.{fn}(directions=...)", directions)
-    a = None if a is None else _check_weights(a, x.shape[0], "a", "x", fn, x.dtype)
-    b = None if b is None else _check_weights(b, y.shape[0], "b", "y", fn, x.dtype)
-    p = jnp.asarray(_check_p(p, fn), dtype=x.dtype)
+        directions = checks.as_real_array("directions", directions, fn).astype(x.dtype)
+        checks.check_points(f"monge.{fn}(directions=...)", directions)
+    a = None if a is None else checks.tool_weights(a, x.shape[0], "a", "x", fn, x.dtype)
+    b = None if b is None else checks.tool_weights(b, y.shape[0], "b", "y", fn, x.dtype)
+    p = jnp.asarray(check_p(p, fn), dtype=x.dtype)
     # One matmul per cloud gives every projection as a row: (k, n), sorted row-wise.
-    costs = _wasserstein_1d_checked(directions @ x.T, directions @ y.T, a, b, p)
+    costs = wasserstein_1d_checked(directions @ x.T, directions @ y.T, a, b, p)
     return jnp.mean(costs)
 
 
@@ -162,11 +138,11 @@ def _ascend_direction(x, y, a, b, p, key, learning_rate, n_steps: int, n_init: i
     """Riemannian gradient ascent of $\\theta \\mapsto W_p^p$ on the sphere."""
 
     def objective(theta):
-        return _wasserstein_1d_rows((x @ theta)[None], (y @ theta)[None], a, b, p)[0]
+        return wasserstein_1d_rows((x @ theta)[None], (y @ theta)[None], a, b, p)[0]
 
     value_and_grad = jax.value_and_grad(objective)
     starts = _random_directions(key, n_init, x.shape[1], x.dtype)
-    theta = starts[jnp.argmax(_wasserstein_1d_rows(starts @ x.T, starts @ y.T, a, b, p))]
+    theta = starts[jnp.argmax(wasserstein_1d_rows(starts @ x.T, starts @ y.T, a, b, p))]
     value, grad = value_and_grad(theta)
 
     def step(_, state):
@@ -252,20 +228,20 @@ def max_sliced_wasserstein(
     """
     fn = "max_sliced_wasserstein"
     key = _check_key(key, fn)
-    x, y = _check_clouds(x, y, fn)
+    x, y = checks.tool_clouds(x, y, fn)
     for name, value, low in (("n_steps", n_steps, 0), ("n_init", n_init, 1)):
         if not (isinstance(value, (int, np.integer)) and value >= low):
             raise ValueError(
                 f"`monge.{fn}({name}=...)` must be an int >= {low}, got {value!r}.")
     if np.shape(learning_rate) != () or (
-            _is_concrete(learning_rate)
+            (checks.concrete(learning_rate) is not None)
             and not float(np.asarray(learning_rate)) > 0):
         raise ValueError(
             f"`monge.{fn}(learning_rate=...)` must be a positive scalar (an angle in "
             f"radians), got {learning_rate!r}: pass e.g. learning_rate=0.1.")
-    a_ = _check_weights(a, x.shape[0], "a", "x", fn, x.dtype)
-    b_ = _check_weights(b, y.shape[0], "b", "y", fn, x.dtype)
-    p = jnp.asarray(_check_p(p, fn), dtype=x.dtype)
+    a_ = checks.tool_weights(a, x.shape[0], "a", "x", fn, x.dtype)
+    b_ = checks.tool_weights(b, y.shape[0], "b", "y", fn, x.dtype)
+    p = jnp.asarray(check_p(p, fn), dtype=x.dtype)
     theta = _ascend_direction(
         *jax.lax.stop_gradient((x, y, a_ / jnp.sum(a_), b_ / jnp.sum(b_), p)),
         key, learning_rate, n_steps=int(n_steps), n_init=int(n_init))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from monge import _checks
+from monge import checks
 
 __all__ = ["wasserstein_1d"]
 
@@ -27,12 +27,7 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _float_dtype(*arrays) -> jnp.dtype:
-    """Common floating dtype of `arrays`: float32 by default, float64 under x64."""
-    return jnp.result_type(*[a for a in arrays if a is not None], 1.0)
-
-
-def _check_p(p, fn: str) -> Array:
+def check_p(p, fn: str) -> Array:
     """Checks the exponent `p` (a scalar >= 1) and returns it as an array."""
     shape = np.shape(p)
     if shape != ():
@@ -48,35 +43,11 @@ def _check_p(p, fn: str) -> Array:
     return p
 
 
-def _check_weights(w, n: int, name: str, points: str, fn: str, dtype) -> Array:
-    """Checks a weight vector against `n` points; uniform weights if `w` is None."""
-    if w is None:
-        return jnp.full((n,), 1.0 / n, dtype=dtype)
-    w = _checks.as_real_array(name, w, fn)
-    shape = np.shape(w)
-    if shape != (n,):
-        raise ValueError(
-            f"`monge.{fn}({name}=...)` has shape {shape} but {points} has {n} points: "
-            f"pass one non-negative weight per point of {points} (shape ({n},)), "
-            "or leave it None for uniform weights.")
-    if _is_concrete(w):
-        values = np.asarray(w)
-        if not np.all(values >= 0):  # also catches NaN
-            raise ValueError(
-                f"`monge.{fn}({name}=...)` has negative or NaN entries (min "
-                f"{values.min()}): pass finite non-negative weights.")
-        if not values.sum() > 0:
-            raise ValueError(
-                f"`monge.{fn}({name}=...)` sums to {values.sum()}: pass at least one "
-                "positive weight (weights are normalised to sum to 1).")
-    return jnp.asarray(w, dtype=dtype)
-
-
 def _check_points(u, v, fn: str, names=("u", "v")) -> tuple[Array, Array, bool]:
     """Checks two 1-D supports; returns them as (n, k), (m, k) and whether batched."""
     nu, nv = names
-    u = _checks.as_real_array(nu, u, fn)
-    v = _checks.as_real_array(nv, v, fn)
+    u = checks.as_real_array(nu, u, fn)
+    v = checks.as_real_array(nv, v, fn)
     su, sv = np.shape(u), np.shape(v)
     for name, shape in ((nu, su), (nv, sv)):
         if len(shape) not in (1, 2):
@@ -94,8 +65,8 @@ def _check_points(u, v, fn: str, names=("u", "v")) -> tuple[Array, Array, bool]:
             f"vectors, or an (n, k) and an (m, k) array with the same number k of "
             "columns (one 1-D problem per column).")
     for name, z in ((nu, u), (nv, v)):
-        _checks.check_points(f"monge.{fn}({name}=...)", z)
-    dtype = _float_dtype(u, v)
+        checks.check_points(f"monge.{fn}({name}=...)", z)
+    dtype = checks.float_dtype(u, v)
     u = jnp.asarray(u, dtype=dtype)
     v = jnp.asarray(v, dtype=dtype)
     batched = u.ndim == 2
@@ -183,7 +154,7 @@ def _quantile_cost(u: Array, v: Array, a: Array | None, b: Array | None, p: Arra
     return jnp.sum(cost_u) + jnp.sum(cost_v)
 
 
-def _wasserstein_1d_rows(
+def wasserstein_1d_rows(
     u: Array, v: Array, a: Array | None, b: Array | None, p: Array
 ) -> Array:
     """$W_p^p$ of each row pair of `u` (k, n) and `v` (k, m); no input checks.
@@ -208,7 +179,7 @@ def _error_if_bad_weights(w: Array, name: str) -> Array:
 
 
 @jax.jit
-def _wasserstein_1d_checked(
+def wasserstein_1d_checked(
     u: Array, v: Array, a: Array | None, b: Array | None, p: Array
 ) -> Array:
     """Jitted entry: checks traced values (p, weights), then solves every row pair of
@@ -216,7 +187,7 @@ def _wasserstein_1d_checked(
     p = eqx.error_if(p, ~(p >= 1), "`monge.wasserstein_1d(p=...)` must be >= 1.")
     a = None if a is None else _error_if_bad_weights(a, "a")
     b = None if b is None else _error_if_bad_weights(b, "b")
-    cost = _wasserstein_1d_rows(u, v, a, b, p)
+    cost = wasserstein_1d_rows(u, v, a, b, p)
     # non-finite points (traced, so not checked at the door) give NaN, never a number
     finite = jnp.all(jnp.isfinite(u), axis=1) & jnp.all(jnp.isfinite(v), axis=1)
     return jnp.where(finite, cost, jnp.nan)
@@ -273,8 +244,8 @@ def wasserstein_1d(
     """
     fn = "wasserstein_1d"
     u, v, batched = _check_points(u, v, fn)
-    a = None if a is None else _check_weights(a, u.shape[0], "a", "u", fn, u.dtype)
-    b = None if b is None else _check_weights(b, v.shape[0], "b", "v", fn, u.dtype)
-    p = jnp.asarray(_check_p(p, fn), dtype=u.dtype)
-    cost = _wasserstein_1d_checked(u.T, v.T, a, b, p)
+    a = None if a is None else checks.tool_weights(a, u.shape[0], "a", "u", fn, u.dtype)
+    b = None if b is None else checks.tool_weights(b, v.shape[0], "b", "v", fn, u.dtype)
+    p = jnp.asarray(check_p(p, fn), dtype=u.dtype)
+    cost = wasserstein_1d_checked(u.T, v.T, a, b, p)
     return cost if batched else cost[0]

@@ -1,6 +1,6 @@
 r"""Sparsity-constrained optimal transport (Liu, Puigcerver & Blondel, 2023).
 
-The quadratically regularised problem of `monge.solvers.smooth` with at most $k$
+The quadratically regularised problem of `monge.solvers.linear.smooth` with at most $k$
 non-zeros per column of the plan,
 
 $$\min_{P \in \Pi(a, b),\ \|P_{:j}\|_0 \le k}\ \langle C, P\rangle
@@ -33,8 +33,8 @@ from jaxtyping import Array, Float
 from monge.geometry import as_float_array
 from monge.problems import LinearProblem
 from monge.solution import PlanSolution
-from monge.solvers.sinkhorn import warm_start
-from monge.solvers.smooth import check_options, check_problem, solve_quadratic
+from monge.solvers import driver
+from monge.solvers.linear.smooth import check_options, check_problem, solve_quadratic
 
 __all__ = ["SparseOT"]
 
@@ -46,7 +46,7 @@ class SparseOT(eqx.Module):
     $\min_{P \in \Pi(a, b),\, \|P_{:j}\|_0 \le k} \langle C, P\rangle +
     \frac{\gamma}{2}\|P\|_F^2$ by L-BFGS (see the module docstring), using
     `jax.lax.top_k` for the $k$-sparse projections, started from the `SmoothOT`
-    optimum (semismooth Newton, see `monge.solvers.smooth`): where no column of that
+    optimum (semismooth Newton, see `monge.solvers.linear.smooth`): where no column of that
     plan has more than $k$ non-zeros it is the answer already (no L-BFGS step), and
     otherwise a warm start whose large-scale structure is right. POT's
     `ot.smooth.smooth_ot_semi_dual(a, b, C, reg, reg_type="sparsity_constrained",
@@ -85,7 +85,7 @@ class SparseOT(eqx.Module):
     Example:
         >>> import jax.numpy as jnp
         >>> from monge import CostMatrix, LinearProblem
-        >>> from monge.solvers.sparse import SparseOT
+        >>> from monge.solvers.linear.sparse import SparseOT
         >>> C = jnp.array([[0.0, 1.0, 2.0], [1.0, 0.0, 1.0], [2.0, 1.0, 0.0]])
         >>> sol = SparseOT(k=1, gamma=1.0)(LinearProblem(CostMatrix(C)))
         >>> (sol.plan > 0).astype(int).tolist()
@@ -137,5 +137,5 @@ class SparseOT(eqx.Module):
             k=min(self.k, problem.geom.shape[0]), method="newton",
             max_iterations=self.max_iterations,
             memory_size=self.memory_size, throw=throw, name="SparseOT",
-            init=warm_start(init, problem.geom.shape), progress=self.progress,
+            init=driver.warm_start(init, problem.geom.shape), progress=self.progress,
         )

@@ -34,7 +34,7 @@ bipartite graph Laplacian over $\gamma$, badly conditioned for small $\gamma$), 
 float32 it stalls when the dual value no longer resolves its own decrease.
 
 The same machinery, with each column's support limited to its $k$ largest entries,
-is the sparsity-constrained solver of `monge.solvers.sparse` (L-BFGS, started from the
+is the sparsity-constrained solver of `monge.solvers.linear.sparse` (L-BFGS, started from the
 smooth optimum found by Newton).
 
 Differentiation: the reported `reg_cost` is the dual Lagrangian evaluated at the
@@ -66,12 +66,11 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
-from monge import _checks
+from monge import checks
 from monge.geometry import as_float_array
 from monge.problems import LinearProblem
 from monge.solution import PlanSolution
 from monge.solvers import driver
-from monge.solvers.sinkhorn import warm_start
 
 __all__ = ["SmoothOT", "FORMULATIONS"]
 
@@ -532,7 +531,7 @@ def solve_quadratic(
 ) -> PlanSolution:
     """The jitted entry shared by `SmoothOT` and `SparseOT` (`k` static, or None);
     `init`: checked warm-start potentials `(f, g)` (see `SmoothOT.__call__`), or None."""
-    a, b = _checks.traced_checks(problem, jnp.ones((), problem.a.dtype))
+    a, b = checks.traced_checks(problem, jnp.ones((), problem.a.dtype))
     gamma = jnp.asarray(gamma, a.dtype)
     a = eqx.error_if(
         a, ~(jnp.isfinite(gamma) & (gamma > 0)), f"`{name}(gamma=...)` must be positive and finite."
@@ -580,7 +579,7 @@ def check_options(name, gamma, formulation, threshold, max_iterations, memory_si
         ("threshold", threshold, "Typical values: 1e-3 to 1e-5 in float32, down to 1e-10 "
          "in float64."),
     ):
-        v = _checks.concrete(value)
+        v = checks.concrete(value)
         if v is not None and not (np.all(np.isfinite(v)) and np.all(v > 0)):
             raise ValueError(
                 f"`{name}({field}=...)` must be positive and finite; received {v.item()!r}. "
@@ -600,7 +599,7 @@ def check_problem(name: str, problem) -> None:
             f"`{name}` solves a monge.LinearProblem; received {type(problem).__name__}."
         )
     for tau_name in ("tau_a", "tau_b"):
-        tau = _checks.concrete(getattr(problem, tau_name))
+        tau = checks.concrete(getattr(problem, tau_name))
         if tau is not None and tau != 1:
             raise ValueError(
                 f"`{name}` solves balanced problems only, but the problem has "
@@ -668,7 +667,7 @@ class SmoothOT(eqx.Module):
     Example:
         >>> import jax.numpy as jnp
         >>> from monge import CostMatrix, LinearProblem
-        >>> from monge.solvers.smooth import SmoothOT
+        >>> from monge.solvers.linear.smooth import SmoothOT
         >>> C = jnp.array([[0.0, 1.0, 3.0], [2.0, 0.0, 1.0]])
         >>> problem = LinearProblem(CostMatrix(C), jnp.array([0.5, 0.5]),
         ...                         jnp.array([0.25, 0.5, 0.25]))
@@ -697,7 +696,7 @@ class SmoothOT(eqx.Module):
                 f"`SmoothOT(method=...)` must be 'newton' or 'lbfgs'; received {self.method!r}."
             )
         if self.method == "newton":
-            _checks.reject_unused(
+            checks.reject_unused(
                 "SmoothOT(method='newton')", {"memory_size": self.memory_size},
                 "has no effect: it is the number of L-BFGS correction pairs, and Newton's "
                 "method stores none",
@@ -733,6 +732,6 @@ class SmoothOT(eqx.Module):
             problem, self.gamma, self.threshold, formulation=self.formulation, k=None,
             method=self.method, max_iterations=self.max_iterations,
             memory_size=self.lbfgs_memory,
-            throw=throw, name="SmoothOT", init=warm_start(init, problem.geom.shape),
+            throw=throw, name="SmoothOT", init=driver.warm_start(init, problem.geom.shape),
             progress=self.progress,
         )

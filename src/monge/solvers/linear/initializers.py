@@ -150,7 +150,7 @@ def subsample_potential(geom, a, b, eps, k=None):
         $f$, shape `(n,)`; zeros if the small solve produced non-finite values.
     """
     from monge.problems import LinearProblem  # monge.solvers imports this module
-    from monge.solvers.sinkhorn import Sinkhorn
+    from monge.solvers.linear.sinkhorn import Sinkhorn
 
     n, m = geom.shape
     k = min(n, m, SUBSAMPLE) if k is None else k

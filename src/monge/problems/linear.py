@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from monge import _checks
+from monge import checks
 from monge.geometry import AbstractGeometry, CostMatrix, PointCloud, as_float_array
 
 __all__ = ["LinearProblem", "DEFAULT_RELATIVE_EPSILON", "default_epsilon"]
@@ -93,7 +93,7 @@ class LinearProblem(eqx.Module):
                 raise ValueError(
                     f"`epsilon` must be a scalar; received shape {tuple(self.epsilon.shape)}."
                 )
-            _checks.check_positive(
+            checks.check_positive(
                 "epsilon", self.epsilon, "Pass epsilon > 0, or leave it out for the default "
                 "0.05 * mean cost (exact OT, epsilon = 0, is a different solver)."
             )
@@ -101,8 +101,8 @@ class LinearProblem(eqx.Module):
             tau = getattr(self, name)
             if tau.ndim != 0:
                 raise ValueError(f"`{name}` must be a scalar; received shape {tuple(tau.shape)}.")
-            _checks.check_tau(name, tau)
-        _checks.check_masses(self.a, self.b, self.tau_a, self.tau_b)
+            checks.check_tau(name, tau)
+        checks.check_masses(self.a, self.b, self.tau_a, self.tau_b)
 
     @property
     def is_balanced(self) -> Array:
@@ -118,7 +118,7 @@ class LinearProblem(eqx.Module):
 
 def _rescaled(a, b, tau_a, tau_b):
     r"""`b` scaled to the total of `a` when the problem is balanced and the totals
-    differ (by at most `_checks.MASS_RTOL`, else `_check` raised): a balanced
+    differ (by at most `checks.MASS_RTOL`, else `_check` raised): a balanced
     problem has no coupling for unequal masses, and Sinkhorn would chase the
     difference until `max_iterations` (masses 5e-5 apart ran 2000 iterations). Equal
     totals leave `b` (and its gradient) untouched."""
@@ -145,14 +145,14 @@ def checked_marginals(geom: AbstractGeometry, a, b) -> tuple[Array, Array]:
     geometry's points or costs (`ValueError`s that say how to fix the input)."""
     n, m = geom.shape
     if isinstance(geom, PointCloud):
-        _checks.check_points("x", geom.x)
-        _checks.check_points("y", geom.y)
+        checks.check_points("x", geom.x)
+        checks.check_points("y", geom.y)
     elif isinstance(geom, CostMatrix):
-        _checks.check_costs("C", geom.C)
-    a = jnp.full((n,), 1.0 / n, geom.dtype) if a is None else _checks.as_real_array("a", a)
-    b = jnp.full((m,), 1.0 / m, geom.dtype) if b is None else _checks.as_real_array("b", b)
-    _checks.check_weights("a", a, n, "the source (rows)")
-    _checks.check_weights("b", b, m, "the target (columns)")
+        checks.check_costs("C", geom.C)
+    a = jnp.full((n,), 1.0 / n, geom.dtype) if a is None else checks.as_real_array("a", a)
+    b = jnp.full((m,), 1.0 / m, geom.dtype) if b is None else checks.as_real_array("b", b)
+    checks.check_weights("a", a, n, "the source (rows)")
+    checks.check_weights("b", b, m, "the target (columns)")
     if isinstance(geom, CostMatrix):
-        _checks.check_allowed(geom.C, a, b)
+        checks.check_allowed(geom.C, a, b)
     return a, b

@@ -24,7 +24,7 @@ Four backends, chosen by `Exact(method=...)`:
   the solver stops once it falls below `threshold` (relative, see `error`).
 - ``"auction"``: for $n = m$ and uniform weights, pure JAX (`jit`, `vmap`, any device):
   Bertsekas' auction with $\varepsilon$-scaling, all unassigned rows bidding at once
-  (Bertsekas, 1988; Bertsekas & Castañon, 1989; `monge.solvers.auction`). One bidding
+  (Bertsekas, 1988; Bertsekas & Castañon, 1989; `monge.solvers.linear.auction`). One bidding
   round costs $O(n^2)$ (less when few rows bid); its prices give dual-feasible
   potentials whose gap certifies the assignment, and it stops once that gap is below
   `threshold`. The default threshold is the larger of $10^{-12}$ and 100 machine
@@ -71,13 +71,12 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array
 
-from monge import _checks
+from monge import checks
 from monge.geometry import CostMatrix, as_float_array
 from monge.problems import LinearProblem
 from monge.solution import PlanSolution, Status, safe_log
 from monge.solvers import driver
-from monge.solvers.auction import auction
-from monge.solvers.sinkhorn import warm_start
+from monge.solvers.linear.auction import auction
 
 __all__ = ["Exact", "METHODS", "solve_arrays"]
 
@@ -178,7 +177,7 @@ class Exact(eqx.Module):
 
     Example:
         >>> import jax.numpy as jnp, monge
-        >>> from monge.solvers.exact import Exact
+        >>> from monge.solvers.linear.exact import Exact
         >>> C = jnp.array([[0.0, 2.0], [1.0, 0.0]])
         >>> sol = Exact()(monge.LinearProblem(monge.CostMatrix(C)))
         >>> sol.plan.tolist(), float(sol.cost), bool(sol.converged)
@@ -206,7 +205,7 @@ class Exact(eqx.Module):
         if method not in METHODS:  # `__check_init__` says which methods exist
             pass
         elif method in _HOST:
-            _checks.reject_unused(
+            checks.reject_unused(
                 owner, {"threshold": threshold},
                 "has no effect: the method is exact and has no stopping tolerance (its "
                 "`error` is reported, not compared with a threshold)",
@@ -214,13 +213,13 @@ class Exact(eqx.Module):
                 "approximation that stops at `threshold`.",
             )
         if method in METHODS and method != "sinkhorn_rounding":
-            _checks.reject_unused(
+            checks.reject_unused(
                 owner, {"epsilon": epsilon, "epsilon_decay": epsilon_decay},
                 "has no effect: only method='sinkhorn_rounding' has an entropic schedule",
                 "drop it, or use method='sinkhorn_rounding'.",
             )
         if method == "assignment":
-            _checks.reject_unused(
+            checks.reject_unused(
                 owner, {"max_iterations": max_iterations},
                 "has no effect: scipy's linear_sum_assignment has no iteration budget",
                 "drop it.",
@@ -246,13 +245,13 @@ class Exact(eqx.Module):
                 f"{self.max_iterations!r}."
             )
         if self.threshold is not None:
-            _checks.check_positive(
+            checks.check_positive(
                 "threshold", self.threshold, "Typical values: 1e-2 to 1e-6, or None."
             )
-        _checks.check_positive(
+        checks.check_positive(
             "epsilon", self.epsilon, "It is relative to the mean cost; typical 1e-2 to 1e-4."
         )
-        decay = _checks.concrete(self.epsilon_decay)
+        decay = checks.concrete(self.epsilon_decay)
         if decay is not None and not (0 < decay < 1):
             raise ValueError(f"`epsilon_decay` must lie in (0, 1); received {decay!r}.")
 
@@ -296,7 +295,7 @@ class Exact(eqx.Module):
                 "host methods ('network_simplex', 'assignment') take no warm start; drop "
                 "`init`, or use method='sinkhorn_rounding' or 'auction'."
             )
-        return _solve(self, problem, warm_start(init, problem.geom.shape), throw)
+        return _solve(self, problem, driver.warm_start(init, problem.geom.shape), throw)
 
     def check_method(self, a, b) -> None:
         """Backend requirements that can be checked before tracing."""
@@ -313,7 +312,7 @@ class Exact(eqx.Module):
                     "problems."
                 )
             for name, w in (("a", a), ("b", b)):
-                wc = _checks.concrete(w)
+                wc = checks.concrete(w)
                 if wc is not None and np.ptp(wc) > 1e-6 * np.max(np.abs(wc)):
                     raise ValueError(
                         f"Exact(method={self.method!r}) needs uniform weights, but "
@@ -324,7 +323,7 @@ class Exact(eqx.Module):
 
 def check_balanced(tau_a, tau_b) -> None:
     """Exact OT has hard marginal constraints: tau must be 1 (checked when concrete)."""
-    ta, tb = _checks.concrete(tau_a), _checks.concrete(tau_b)
+    ta, tb = checks.concrete(tau_a), checks.concrete(tau_b)
     if ta is not None and tb is not None and not (np.all(ta == 1) and np.all(tb == 1)):
         raise ValueError(
             f"Exact OT (epsilon=0) is only supported for balanced problems, tau_a = tau_b = "
@@ -351,7 +350,7 @@ def _traced_checks(problem: LinearProblem):
     b = eqx.error_if(b, bad(b), "`b` must be finite, non-negative weights with a positive sum.")
     a = eqx.error_if(
         a,
-        jnp.abs(sa - sb) > _checks.MASS_RTOL * jnp.maximum(sa, sb),
+        jnp.abs(sa - sb) > checks.MASS_RTOL * jnp.maximum(sa, sb),
         "Exact OT needs equal masses sum(a) == sum(b); normalise the weights.",
     )
     a = eqx.error_if(

@@ -19,7 +19,7 @@ an object resolved by a scatter-min). Late in a phase only a few persons bid, so
 rows are gathered first (into a buffer of 4, 16, 64, ... rows): such a round costs
 $O(kn)$ for $k$ bidders. Under `vmap` the problems of a batch are solved one after
 the other (`lax.map`; on accelerators small problems are batched, see
-`monge.solvers._batching`): batched, every problem would run the slowest one's rounds
+`monge.solvers.batching`): batched, every problem would run the slowest one's rounds
 and every buffer size would be computed each round. On CPU, one by one was 8x faster
 for 256 problems of n = 32 and 40x for 64 problems of n = 128 (float32).
 
@@ -59,7 +59,7 @@ auction algorithm", Parallel Computing 17.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> from monge.solvers.auction import auction
+    >>> from monge.solvers.linear.auction import auction
     >>> C = jnp.array([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
     >>> out = auction(C, threshold=1e-6, max_iterations=1000)
     >>> out.cols.tolist(), float(C[jnp.arange(3), out.cols].sum()), int(out.status)
@@ -79,7 +79,7 @@ from jaxtyping import Array, Float, Int
 
 from monge.solution import Status
 from monge.solvers import driver
-from monge.solvers._batching import one_by_one
+from monge.solvers.batching import one_by_one
 
 __all__ = ["AuctionResult", "auction"]
 

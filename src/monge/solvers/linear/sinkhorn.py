@@ -23,17 +23,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from monge import _checks
+from monge import checks
 from jaxtyping import Array
 
 from monge.geometry import ONE_PASS_FLOOR, AbstractGeometry, as_float_array, flushed_exp
 from monge.problems import LinearProblem, default_epsilon
 from monge.solution import Solution, Status, safe_log
-from monge.solvers import driver, initializers
-from monge.solvers._batching import SEQUENTIAL_ABOVE, one_by_one
+from monge.solvers import driver
+from monge.solvers.linear import initializers
+from monge.solvers.batching import SEQUENTIAL_ABOVE, one_by_one
 from monge.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint
 
-__all__ = ["Sinkhorn", "SEQUENTIAL_ABOVE", "ANDERSON_MEMORY", "warm_start"]
+__all__ = ["Sinkhorn", "SEQUENTIAL_ABOVE", "ANDERSON_MEMORY"]
 
 #: Default factor of `anneal_decay` (epsilon per block while annealing).
 ANNEAL_DECAY = 0.5
@@ -91,7 +92,7 @@ class Sinkhorn(driver.AbstractIterativeSolver):
             `anneal=False` or `initializer="sorting"` (which skips annealing) is an
             error, since it would be ignored.
         initializer: the start $f_0$ (Thornton & Cuturi, 2022; see
-            `monge.solvers.initializers`); $g_0$ comes from one update, and the fixed
+            `monge.solvers.linear.initializers`); $g_0$ comes from one update, and the fixed
             point, hence the implicit gradient, is the same for every start.
             ``"auto"`` (default): ``"sorting"`` where it applies, else ``"zeros"``.
             ``"sorting"``: the exact unregularised dual of 1-D OT from the monotone
@@ -142,7 +143,7 @@ class Sinkhorn(driver.AbstractIterativeSolver):
                    "with initializer='sorting', which starts at the exact potential and "
                    "skips annealing")
             raise ValueError(
-                f"`anneal_decay={_checks.concrete(self.anneal_decay)!r}` has no effect {why}; "
+                f"`anneal_decay={checks.concrete(self.anneal_decay)!r}` has no effect {why}; "
                 "drop it, or use anneal=True (and another initializer) to anneal."
             )
         if self.anneal_decay is None:
@@ -163,8 +164,8 @@ class Sinkhorn(driver.AbstractIterativeSolver):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"`{name}` must be a positive integer; received {value!r}.")
-        _checks.check_positive("threshold", self.threshold, "Typical values: 1e-2 to 1e-6.")
-        decay = _checks.concrete(self.anneal_decay)
+        checks.check_positive("threshold", self.threshold, "Typical values: 1e-2 to 1e-6.")
+        decay = checks.concrete(self.anneal_decay)
         if decay is not None and not 0 < decay < 1:
             raise ValueError(f"`anneal_decay` must lie in (0, 1); received {decay!r}.")
         if not isinstance(self.adjoint, AbstractAdjoint):
@@ -196,7 +197,7 @@ class Sinkhorn(driver.AbstractIterativeSolver):
                 f"`Sinkhorn` solves a monge.LinearProblem; received {type(problem).__name__}."
             )
         initializers.check_applicable(self.initializer, problem.geom)
-        return _solve(self, problem, warm_start(init, problem.geom.shape), throw)
+        return _solve(self, problem, driver.warm_start(init, problem.geom.shape), throw)
 
     # -- iterations (run by the shared driver) ----------------------------------------
     def uses_kernel(self, geom) -> bool:
@@ -310,27 +311,6 @@ class Sinkhorn(driver.AbstractIterativeSolver):
             new, history = _anderson(steps, potentials, new, history, go_on, at_target(k), err <= GROWTH * prev)
         block = driver.Block(error=err, n_run=n_run, final=at_target(k))
         return (new, omega, history, err, levels), block
-
-
-def warm_start(init, shape) -> tuple | None:
-    """`init` as potentials `(f, g)`: from a previous solution (anything with `f` and
-    `g`) or a pair of arrays, checked against the problem's `shape` `(n, m)`."""
-    if init is None:
-        return None
-    pair = (init.f, init.g) if hasattr(init, "f") and hasattr(init, "g") else init
-    n, m = shape
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-        raise ValueError(
-            "`init` must be a previous solution or a pair of potentials (f, g) of shapes "
-            f"({n},) and ({m},); received {type(init).__name__}."
-        )
-    f, g = (as_float_array(z) for z in pair)
-    if f.shape != (n,) or g.shape != (m,):
-        raise ValueError(
-            f"`init` potentials must have shapes ({n},) and ({m},), one per point of the "
-            f"problem; received {tuple(f.shape)} and {tuple(g.shape)}."
-        )
-    return f, g
 
 
 class _Steps(eqx.Module):
@@ -685,7 +665,7 @@ def _status(f, g, eps, floor, trace, threshold):
 @eqx.filter_jit
 def _solve(solver: Sinkhorn, problem: LinearProblem, init, throw: bool) -> Solution:
     eps = problem.resolved_epsilon()
-    a, b = _checks.traced_checks(problem, eps)
+    a, b = checks.traced_checks(problem, eps)
     theta = (problem.geom, a, b, eps.astype(a.dtype), problem.tau_a, problem.tau_b)
     f, g, trace = solver.adjoint.fixed_point(solver, theta, init)
     floor = precision_floor(f, g, a, b, theta[3])  # the error float arithmetic can resolve

@@ -22,6 +22,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array
 
 #: Relative tolerance on |sum(a) - sum(b)| for a balanced problem.
 MASS_RTOL = 1e-4
@@ -240,3 +241,56 @@ def reject_unused(owner: str, given: dict, why: str, fix: str) -> None:
     names = [f"{k}={v!r}" for k, v in given.items() if v is not None]
     if names:
         raise ValueError(f"{owner}: {', '.join(names)} {why}; {fix}")
+
+
+# -- the one-call functions of `monge.tools` -------------------------------------------
+def float_dtype(*arrays) -> jnp.dtype:
+    """Common floating dtype of `arrays`: float32 by default, float64 under x64."""
+    return jnp.result_type(*[a for a in arrays if a is not None], 1.0)
+
+
+def tool_weights(w, n: int, name: str, points: str, fn: str, dtype) -> Array:
+    """Checks a weight vector of the one-call function `fn` against `n` points;
+    uniform weights if `w` is None."""
+    if w is None:
+        return jnp.full((n,), 1.0 / n, dtype=dtype)
+    w = as_real_array(name, w, fn)
+    shape = np.shape(w)
+    if shape != (n,):
+        raise ValueError(
+            f"`monge.{fn}({name}=...)` has shape {shape} but {points} has {n} points: "
+            f"pass one non-negative weight per point of {points} (shape ({n},)), "
+            "or leave it None for uniform weights.")
+    if concrete(w) is not None:
+        values = np.asarray(w)
+        if not np.all(values >= 0):  # also catches NaN
+            raise ValueError(
+                f"`monge.{fn}({name}=...)` has negative or NaN entries (min "
+                f"{values.min()}): pass finite non-negative weights.")
+        if not values.sum() > 0:
+            raise ValueError(
+                f"`monge.{fn}({name}=...)` sums to {values.sum()}: pass at least one "
+                "positive weight (weights are normalised to sum to 1).")
+    return jnp.asarray(w, dtype=dtype)
+
+
+def tool_clouds(x, y, fn: str) -> tuple[Array, Array]:
+    """Checks two point clouds (n, d) and (m, d) of the one-call function `fn`;
+    returns them in a float dtype."""
+    x = as_real_array("x", x, fn)
+    y = as_real_array("y", y, fn)
+    sx, sy = np.shape(x), np.shape(y)
+    for name, z in (("x", x), ("y", y)):
+        shape = np.shape(z)
+        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+            raise ValueError(
+                f"`monge.{fn}({name}=...)` must be a non-empty (n, d) array of n "
+                f"points in dimension d, got shape {shape}: for 1-D data pass "
+                f"{name}[:, None].")
+        check_points(f"monge.{fn}({name}=...)", z)
+    if sx[1] != sy[1]:
+        raise ValueError(
+            f"`monge.{fn}`: x has shape {sx} but y has shape {sy}: both point clouds "
+            "must live in the same dimension d (the same number of columns).")
+    dtype = float_dtype(x, y)
+    return jnp.asarray(x, dtype=dtype), jnp.asarray(y, dtype=dtype)

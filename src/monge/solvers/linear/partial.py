@@ -33,85 +33,21 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
-from jaxtyping import Array, Float
 
-from monge import _checks
-from monge.geometry import AbstractGeometry, as_float_array
-from monge.problems import checked_marginals, default_epsilon
+from monge import checks
+from monge.geometry import as_float_array
+from monge.problems import PartialProblem
 from monge.solution import PlanSolution, Status
 from monge.solvers import driver
-from monge.solvers.exact import Exact, solve_arrays
-from monge.solvers.sinkhorn import warm_start
+from monge.solvers.linear.exact import Exact, solve_arrays
 
-__all__ = ["PartialProblem", "PartialExact", "PartialSinkhorn"]
-
-
-class PartialProblem(eqx.Module):
-    r"""A partial OT problem: transport mass `mass` between `a` and `b`.
-
-    Args:
-        geom: the geometry (cost between the two supports).
-        a, b: non-negative weights (uniform $1/n$, $1/m$ if omitted); their totals may
-            differ.
-        mass: the mass $m$ to transport, $0 < m \le \min(\sum a, \sum b)$. Traced.
-        epsilon: entropic regularisation for `PartialSinkhorn` (unused by
-            `PartialExact`); default `monge.problems.default_epsilon`, as for
-            `LinearProblem` ($0.05$ times the typical cost, gradient stopped). Traced.
-
-    Forbidden pairs: $C_{ij} = +\infty$ (a `CostMatrix`) is never transported, by
-    both solvers (the plan is exactly 0 there).
-
-    Raises:
-        ValueError: weights of the wrong length, negative, NaN or with zero total;
-            `mass` outside $(0, \min(\sum a, \sum b)]$; epsilon $< 0$; NaN or $-\infty$ costs.
-    """
-
-    geom: AbstractGeometry
-    a: Float[Array, " n"]
-    b: Float[Array, " m"]
-    mass: Float[Array, ""]
-    epsilon: Float[Array, ""] | None
-
-    def __init__(self, geom, a=None, b=None, *, mass, epsilon=None):
-        self.geom = geom
-        self.a, self.b = checked_marginals(geom, a, b)
-        self.mass = as_float_array(mass)
-        self.epsilon = None if epsilon is None else as_float_array(epsilon)
-        self._check()
-
-    def _check(self):
-        for name in ("mass", "epsilon"):
-            value = getattr(self, name)
-            if value is not None and value.ndim != 0:
-                raise ValueError(f"`{name}` must be a scalar; received shape {tuple(value.shape)}.")
-        mc, ac, bc = (_checks.concrete(z) for z in (self.mass, self.a, self.b))
-        if mc is not None and ac is not None and bc is not None:
-            top = min(float(ac.sum()), float(bc.sum()))
-            if not (np.isfinite(mc) and 0 < mc <= top * (1 + 1e-6)):
-                raise ValueError(
-                    f"`mass` must lie in (0, min(sum(a), sum(b))] = (0, {top:.6g}]; received "
-                    f"{float(mc):.6g}. Pass the mass to transport: a positive number no larger "
-                    "than the smaller total weight."
-                )
-        ec = None if self.epsilon is None else _checks.concrete(self.epsilon)
-        if ec is not None and not (np.isfinite(ec) and ec >= 0):
-            raise ValueError(
-                f"`epsilon` must be non-negative and finite; received {ec!r}. Use 0 for "
-                "exact partial OT (PartialExact), epsilon > 0 for PartialSinkhorn."
-            )
-
-    def resolved_epsilon(self) -> Float[Array, ""]:
-        """The epsilon used by `PartialSinkhorn`: the given one, or the default."""
-        if self.epsilon is not None:
-            return self.epsilon
-        return default_epsilon(self.geom, self.a, self.b)
+__all__ = ["PartialExact", "PartialSinkhorn"]
 
 
 def _check_problem(solver_name: str, problem) -> None:
     if not isinstance(problem, PartialProblem):
         raise ValueError(
-            f"`{solver_name}` solves a monge.solvers.partial.PartialProblem; received "
+            f"`{solver_name}` solves a monge.solvers.linear.partial.PartialProblem; received "
             f"{type(problem).__name__}."
         )
 
@@ -154,7 +90,8 @@ class PartialExact(eqx.Module):
 
     Example:
         >>> import jax.numpy as jnp, monge
-        >>> from monge.solvers.partial import PartialExact, PartialProblem
+        >>> from monge.problems import PartialProblem
+        >>> from monge.solvers.linear.partial import PartialExact
         >>> C = jnp.array([[0.0, 1.0], [1.0, 5.0]])
         >>> sol = PartialExact()(PartialProblem(monge.CostMatrix(C), mass=0.5))
         >>> sol.plan.tolist(), float(sol.cost)
@@ -225,7 +162,8 @@ class PartialSinkhorn(driver.AbstractIterativeSolver):
 
     Example:
         >>> import jax.numpy as jnp, monge
-        >>> from monge.solvers.partial import PartialProblem, PartialSinkhorn
+        >>> from monge.problems import PartialProblem
+        >>> from monge.solvers.linear.partial import PartialSinkhorn
         >>> C = jnp.array([[0.0, 1.0], [1.0, 5.0]])
         >>> sol = PartialSinkhorn()(PartialProblem(monge.CostMatrix(C), mass=0.5, epsilon=0.05))
         >>> bool(sol.converged), round(float(sol.plan.sum()), 4)
@@ -280,20 +218,20 @@ class PartialSinkhorn(driver.AbstractIterativeSolver):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"`{name}` must be a positive integer; received {value!r}.")
-        _checks.check_positive("threshold", self.threshold, "Typical values: 1e-2 to 1e-8.")
+        checks.check_positive("threshold", self.threshold, "Typical values: 1e-2 to 1e-8.")
 
     def __call__(self, problem: PartialProblem, *, init=None, throw: bool = False) -> PlanSolution:
         """Solve `problem`; `init`: a warm start (a previous solution or potentials
         `(f, g)`, see `init`); `throw`: raise instead of returning a run that did not
         converge."""
         _check_problem("PartialSinkhorn", problem)
-        ec = None if problem.epsilon is None else _checks.concrete(problem.epsilon)
+        ec = None if problem.epsilon is None else checks.concrete(problem.epsilon)
         if ec is not None and not ec > 0:
             raise ValueError(
                 f"`PartialSinkhorn` needs epsilon > 0; received {float(ec)!r}. Use "
                 "PartialExact for epsilon = 0."
             )
-        return _solve_entropic(self, problem, warm_start(init, problem.geom.shape), throw)
+        return _solve_entropic(self, problem, driver.warm_start(init, problem.geom.shape), throw)
 
 
 @eqx.filter_jit
