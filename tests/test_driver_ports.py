@@ -43,6 +43,7 @@ def _port_lsa_cost(C):
 
 
 # -- the auction ----------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("n, dtype", [(17, np.float64), (60, np.float32), (33, np.float64)])
 def test_auction_warm_start_same_optimum_fewer_rounds(n, dtype):
     """Warm from its own solution and from the solution of a perturbed problem: the
@@ -97,6 +98,7 @@ def test_auction_rounds_budget_is_max_iterations_status():
 
 
 # -- Sinkhorn rounding ----------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("n, m, dtype", [(13, 21, np.float64), (40, 29, np.float32)])
 def test_sinkhorn_rounding_warm_start_same_optimum_fewer_iterations(n, m, dtype):
     x, y = _port_clouds(n, m, n + m)

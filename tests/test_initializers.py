@@ -147,9 +147,9 @@ def test_subsample_potential_without_subsampling_is_the_entropic_potential():
         args = (jnp.asarray(a), jnp.asarray(b), jnp.asarray(eps))
         f = initializers.subsample_potential(monge.PointCloud(x, y), *args, k=40)
         f_online = initializers.subsample_potential(monge.PointCloud(x, y, online=True, chunk_size=7), *args, k=40)
-    np.testing.assert_allclose(np.asarray(f_online), np.asarray(f), rtol=1e-12)
-    f = np.asarray(f)
-    np.testing.assert_allclose(f - a @ f, f_pot - a @ f_pot, atol=1e-2 * eps)
+    # the online start solves its subsample online too (other arithmetic, same tolerance)
+    for f in (np.asarray(f), np.asarray(f_online)):
+        np.testing.assert_allclose(f - a @ f, f_pot - a @ f_pot, atol=1e-2 * eps)
 
 
 # -- both: same fixed point, same gradient, fewer iterations --------------------------

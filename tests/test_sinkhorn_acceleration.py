@@ -155,7 +155,8 @@ def test_online_kernel_mode_falls_back_in_float32():
     1e-3 c-bar is 50 times below the default, so one block runs at 40 eps): the
     shifted one-pass sums of the block after the drop overflow (exponents scale by
     40; checked by hand on `_Steps.fused_block`: one fallback, at the target epsilon)
-    and are redone in the log domain; the plan still matches POT's float64 one."""
+    and are redone in the log domain; the plan still matches POT's float64 one. The
+    threshold sits above the float32 precision floor (1.1e-4 here, `precision_floor`)."""
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(23, 2)), rng.normal(size=(17, 2)) * 0.5 + 2.0
     a, b = np.full(23, 1 / 23), np.full(17, 1 / 17)
@@ -163,7 +164,7 @@ def test_online_kernel_mode_falls_back_in_float32():
     eps = 1e-3 * M.mean()
     P = pot_plan(a, b, M, eps)
     geom = monge.PointCloud(jnp.float32(x), jnp.float32(y), online=True, chunk_size=5)
-    solver = monge.Sinkhorn(anneal_decay=0.025, threshold=1e-4, max_iterations=20_000)
+    solver = monge.Sinkhorn(anneal_decay=0.025, threshold=3e-4, max_iterations=20_000)
     sol = solver(monge.LinearProblem(geom, epsilon=eps))
     assert bool(sol.converged)
     np.testing.assert_allclose(np.asarray(sol.plan), P, atol=2e-4)

@@ -97,6 +97,7 @@ def test_jit_of_front_door(clouds):
     )
 
 
+@pytest.mark.slow
 def test_online_equals_dense(clouds):
     x, y, a, b = clouds
     with jax.enable_x64(True):

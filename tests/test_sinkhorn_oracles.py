@@ -266,6 +266,7 @@ def test_annealing_keeps_implicit_gradients(clouds):
         np.testing.assert_allclose(np.sum(g_annealed * direction), float(fd), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gaussian_initializer_same_plan_fewer_iterations():
     """Thornton & Cuturi's example: shifted, sheared clouds (n=40, d=2)."""
     rng = np.random.default_rng(0)

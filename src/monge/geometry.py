@@ -30,6 +30,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from monge import checks
+from monge.checks import as_float_array
 from monge.costs import AbstractCost, SqEuclidean, as_cost
 
 __all__ = [
@@ -118,7 +119,7 @@ class AbstractGeometry(eqx.Module):
     @property
     def frame_origin(self) -> Array | None:
         """`None`, or the shift $o$ of supports stored centred: the user's points are
-        `supports` $+\ o$ (new points are moved into that frame and maps back)."""
+        `supports` plus $o$ (new points are moved into that frame and maps back)."""
         return None
 
     def with_supports(self, x: Array, y: Array) -> AbstractGeometry:
@@ -221,8 +222,12 @@ class AbstractGeometry(eqx.Module):
         return total / jnp.where(weight > 0, weight, 1.0)
 
     def sub_costs(self, rows: np.ndarray, cols: np.ndarray) -> Float[Array, "k l"]:
-        """The costs $C_{ij}$ for `i` in `rows`, `j` in `cols` (static index arrays)."""
-        return self.cost_matrix()[rows][:, cols]
+        """The costs $C_{ij}$ for `i` in `rows`, `j` in `cols` (static index arrays),
+        from one pass over row blocks (no stored matrix needed); a stored matrix, or
+        points, index directly."""
+        if self.materialized:
+            return self.cost_matrix()[rows][:, cols]
+        return self.map_blocks(lambda c: c[:, cols], 1)[rows]
 
     def cost_scale(self, a: Float[Array, " n"], b: Float[Array, " m"]) -> Float[Array, ""]:
         r"""The typical size of the costs, robust to a few outlying or forbidden ones:
@@ -304,22 +309,6 @@ def along(z, axis: int) -> Array:
 def across(z, axis: int) -> Array:
     """A vector over the kept axis (one entry per line), shaped to broadcast."""
     return z[:, None] if axis == 1 else z[None, :]
-
-
-def as_float_array(z) -> Array:
-    """`jnp.asarray(z)`, promoting integers and booleans to the default float dtype and
-    half precision (float16, bfloat16) to float32.
-
-    monge computes in float32 at least: in float16 a squared distance of $10^{-3}$
-    next to 1 rounds away, exponentials of costs over epsilon overflow at 11, and
-    Sinkhorn returned a cost of 0 marked converged. Inputs are upcast, never
-    silently computed in half precision."""
-    z = jnp.asarray(z)
-    if not jnp.issubdtype(z.dtype, jnp.inexact):
-        return z.astype(jnp.result_type(float))
-    if jnp.issubdtype(z.dtype, jnp.floating) and jnp.finfo(z.dtype).bits < 32:
-        return z.astype(jnp.float32)
-    return z
 
 
 def _check_matrix(C) -> None:

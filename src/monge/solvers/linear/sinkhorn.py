@@ -637,7 +637,7 @@ def _next_omega(omega, err, prev, k, inner, at_target):
 RESOLUTION = 1.0
 
 
-def _status(f, g, eps, floor, trace, threshold):
+def _status(f, g, a, b, eps, floor, trace, threshold):
     r"""The `Status` of a run: `CONVERGED` only when the error is final, finite and at
     most the threshold, the potentials are finite, and the dtype resolves the answer.
 
@@ -651,9 +651,11 @@ def _status(f, g, eps, floor, trace, threshold):
     with $\varepsilon = 10^{-9}\bar c$ the iteration reaches a fixed point of the hard
     c-transform whose measured error is exactly 0, while the plan recomputed in float64
     from the returned $f, g$ misses its marginals by $10^{130}$. Non-finite potentials
-    are `DIVERGED`.
+    of points with positive weight are `DIVERGED`.
     """
     _, status = driver.status_of(trace, threshold)
+    # zero-weight points carry no mass: their potential may be +inf (every pair forbidden)
+    f, g = jnp.where(a > 0, f, 0.0), jnp.where(b > 0, g, 0.0)
     scale = jnp.max(jnp.abs(f)) + jnp.max(jnp.abs(g))
     rounding = 2 * jnp.finfo(f.dtype).eps * scale / eps
     imprecise = (floor > threshold) | (rounding > RESOLUTION)
@@ -670,7 +672,7 @@ def _solve(solver: Sinkhorn, problem: LinearProblem, init, throw: bool) -> Solut
     f, g, trace = solver.adjoint.fixed_point(solver, theta, init)
     floor = precision_floor(f, g, a, b, theta[3])  # the error float arithmetic can resolve
     trace = trace._replace(error=jnp.maximum(trace.error, floor))
-    status = _status(f, g, theta[3], floor, trace, solver.threshold)
+    status = _status(f, g, a, b, theta[3], floor, trace, solver.threshold)
     f = driver.finish(f, status, throw)
     return Solution(problem, f, g, eps, trace.n_iters, trace.error, trace.errors,
                     status == Status.CONVERGED, status)
