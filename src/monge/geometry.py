@@ -103,6 +103,10 @@ class AbstractGeometry(eqx.Module):
         blocking (one block, or chunks) is the geometry's choice.
         """
 
+    def check_values(self) -> None:
+        """A `ValueError` if the geometry's own arrays hold values no solver accepts
+        (NaN points, NaN or -inf costs), when they are concrete; nothing by default."""
+
     # -- what solvers ask of a geometry (defaults built on `scan_blocks`) --------------
     @property
     def supports(self) -> tuple[Array, Array] | None:
@@ -345,6 +349,9 @@ class CostMatrix(AbstractGeometry):
     def materialized(self) -> bool:
         return True
 
+    def check_values(self):
+        checks.check_costs("C", self.C)
+
     def precompute(self):
         return self
 
@@ -450,6 +457,10 @@ class PointCloud(AbstractGeometry):
     @property
     def supports(self):
         return self.x, self.y
+
+    def check_values(self):
+        checks.check_points("x", self.x)
+        checks.check_points("y", self.y)
 
     @property
     def ground_cost(self):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from monge import checks
-from monge.geometry import AbstractGeometry, CostMatrix, PointCloud, as_float_array
+from monge.geometry import AbstractGeometry, as_float_array
 
 __all__ = ["LinearProblem", "DEFAULT_RELATIVE_EPSILON", "default_epsilon"]
 
@@ -146,15 +146,11 @@ def checked_marginals(geom: AbstractGeometry, a, b) -> tuple[Array, Array]:
     """The weights `(a, b)` (uniform where omitted), after checking them and the
     geometry's points or costs (`ValueError`s that say how to fix the input)."""
     n, m = geom.shape
-    if isinstance(geom, PointCloud):
-        checks.check_points("x", geom.x)
-        checks.check_points("y", geom.y)
-    elif isinstance(geom, CostMatrix):
-        checks.check_costs("C", geom.C)
+    geom.check_values()
     a = jnp.full((n,), 1.0 / n, geom.dtype) if a is None else checks.as_real_array("a", a)
     b = jnp.full((m,), 1.0 / m, geom.dtype) if b is None else checks.as_real_array("b", b)
     checks.check_weights("a", a, n, "the source (rows)")
     checks.check_weights("b", b, m, "the target (columns)")
-    if isinstance(geom, CostMatrix):
-        checks.check_allowed(geom.C, a, b)
+    if geom.materialized:  # forbidden pairs (C = inf) must leave every line a partner
+        checks.check_allowed(geom.cost_matrix(), a, b)
     return a, b

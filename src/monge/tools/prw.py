@@ -33,6 +33,8 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from monge import checks
 from monge.checks import concrete
 from monge.front import solve
+from monge.geometry import PointCloud
+from monge.problems import default_epsilon
 from monge.solution import Solution
 
 __all__ = ["PRWResult", "projection_robust_wasserstein"]
@@ -74,16 +76,11 @@ def second_moment(sol: Solution, x: Array, y: Array) -> Float[Array, "d d"]:
 
 @functools.partial(jax.jit, static_argnames="k")
 def _default_epsilon(x, y, a, b, k: int) -> Array:
-    r"""$0.05\,\frac{k}{d}\,\bar c$ with $\bar c = \sum_{ij} a_i b_j\|x_i - y_j\|^2$ (in
-    $O((n + m)d)$): the default of `monge.solve`, scaled to a $k$-dimensional projection
-    of isotropic data, and fixed during the ascent so that the objective does not
-    move with $U$."""
-    mean_x, mean_y = a @ x, b @ y
-    var_x = a @ jnp.sum((x - mean_x) ** 2, axis=1)
-    var_y = b @ jnp.sum((y - mean_y) ** 2, axis=1)
-    mean_cost = jnp.sum((mean_x - mean_y) ** 2) + var_x + var_y
-    eps = 0.05 * k / x.shape[1] * mean_cost
-    return jnp.where(eps > 0, eps, 1.0)
+    r"""$\frac{k}{d}$ times the default epsilon of `monge.solve` on the full clouds
+    (`problems.default_epsilon`: $0.05$ times the typical squared distance, in
+    $O((n + m)d)$), scaled to a $k$-dimensional projection of isotropic data, and fixed
+    during the ascent so that the objective does not move with $U$."""
+    return k / x.shape[1] * default_epsilon(PointCloud(x, y), a, b)
 
 
 def _retract(U: Array, step: Array) -> Array:
