@@ -63,6 +63,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import lineax as lx
 import optax
 from jaxtyping import Array, Float
 
@@ -404,10 +405,10 @@ class _Newton(driver.AbstractIterativeSolver):
             x, g, P, r, err, stalls = state
             matvec, diagonal = _hessian(P, g, formulation)
             mu = jnp.minimum(1.0, err / mass) / g
-            d, _ = jax.scipy.sparse.linalg.cg(
+            d = conjugate_gradients(
                 lambda v: project(matvec(project(v)) + mu * v), -project(r),
-                tol=jnp.minimum(0.1, jnp.sqrt(err / mass)), maxiter=self.cg_iterations,
-                M=lambda v: v / (diagonal + mu),
+                rtol=jnp.minimum(0.1, jnp.sqrt(err / mass)), max_steps=self.cg_iterations,
+                preconditioner=lambda v: v / (diagonal + mu),
             )
             d = project(d)
 
@@ -431,6 +432,23 @@ class _Newton(driver.AbstractIterativeSolver):
         _, g, _, _, err, stalls = state
         return state, driver.Block(error=err, n_run=n_run, final=g <= gamma,
                                    stalled=stalls >= self.patience)
+
+
+def conjugate_gradients(matvec, rhs, *, rtol, max_steps: int, preconditioner=None):
+    r"""$x$ with $A x \approx$ `rhs` for a positive semi-definite $A$ = `matvec`, by
+    lineax's conjugate gradients (the project's one CG), stopped when $\|A x -
+    \text{rhs}\|_2 \le$ `rtol` $\|\text{rhs}\|_2$ or after `max_steps`; `preconditioner`
+    applies an approximate inverse (Jacobi). Returns the last iterate (no error when
+    the budget is spent: callers measure their own residual)."""
+    structure = jax.eval_shape(lambda: rhs)
+    tags = lx.positive_semidefinite_tag
+    operator = lx.FunctionLinearOperator(matvec, structure, tags=tags)
+    options = {} if preconditioner is None else {
+        "preconditioner": lx.FunctionLinearOperator(preconditioner, structure, tags=tags)}
+    size = jnp.linalg.norm(rhs)
+    solver = lx.CG(rtol=0.0, atol=rtol * size, norm=lambda z: jnp.linalg.norm(z), max_steps=max_steps)
+    out = lx.linear_solve(operator, rhs, solver, options=options, throw=False).value
+    return jnp.where(size > 0, out, jnp.zeros_like(rhs))
 
 
 def _null_vector(n: int, m: int, formulation: str, dtype) -> Array:
@@ -514,7 +532,7 @@ def _optimal_dual_bwd(formulation, k, method, max_iterations, memory_size, repor
     residual = lambda y: _residual(y, theta, formulation, k)  # noqa: E731
     hvp = lambda z: project(jax.jvp(residual, (x,), (project(z),))[1])  # noqa: E731
     tol = 1e-10 if x.dtype == jnp.float64 else 1e-5
-    z, _ = jax.scipy.sparse.linalg.cg(hvp, project(x_bar), tol=tol, maxiter=10 * x.shape[0])
+    z = conjugate_gradients(hvp, project(x_bar), rtol=tol, max_steps=10 * x.shape[0])
     _, pullback = jax.vjp(lambda t: _residual(x, t, formulation, k), theta)
     (theta_bar,) = pullback(-project(z))
     return theta_bar, jnp.zeros_like(threshold), jax.tree.map(jnp.zeros_like, x0)
