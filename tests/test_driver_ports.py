@@ -84,6 +84,7 @@ def test_auction_function_warm_start_under_vmap():
         assert int(n_warm) <= int(n_cold)
 
 
+@pytest.mark.slow
 def test_auction_rounds_budget_is_max_iterations_status():
     """A budget spent mid-phase is MAX_ITERATIONS (a permutation, honest error), not
     DIVERGED, warm or cold: the driver's status on the completed assignment."""
@@ -132,8 +133,8 @@ _PORT_POT = {"dual": ot.smooth.smooth_ot_dual, "semi_dual": ot.smooth.smooth_ot_
 
 @pytest.mark.parametrize(
     "method, formulation, n, m",
-    [("newton", "semi_dual", 9, 14), ("newton", "dual", 16, 11), ("lbfgs", "semi_dual", 12, 7),
-     ("lbfgs", "dual", 8, 13)],
+    [pytest.param("newton", "semi_dual", 9, 14, marks=pytest.mark.slow), ("newton", "dual", 16, 11),
+     pytest.param("lbfgs", "semi_dual", 12, 7, marks=pytest.mark.slow), ("lbfgs", "dual", 8, 13)],
 )
 def test_smooth_warm_start_matches_pot(method, formulation, n, m):
     """Warm from its own solution (no iteration), from its potentials and from the
@@ -241,6 +242,7 @@ def test_host_methods_reject_a_warm_start(method):
 
 
 # -- progress lines through the driver ------------------------------------------------
+@pytest.mark.slow
 def test_progress_lines_through_the_driver(capfd):
     C = jnp.asarray(sqdist(*_port_clouds(12, 12, 4)), jnp.float32)
     out = auction(C, 1e-5, 10_000, progress=True)

@@ -124,9 +124,8 @@ def test_geometry_protocol_supports():
         matrix.with_supports(x, y)
 
 
-@pytest.mark.parametrize("online, tau", [(False, 1.0), (True, 0.8),
-                                         pytest.param(True, 1.0, marks=pytest.mark.slow),
-                                         pytest.param(False, 0.8, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("online, tau", [(False, 1.0), (True, 0.8), (True, 1.0), (False, 0.8)])
 def test_warm_start_same_answer_fewer_iterations(clouds, online, tau):
     """A warm start from a solution gives the same coupling (to POT's, float64) in no
     more iterations; from a neighbouring epsilon too; its gradient is the cold one's."""

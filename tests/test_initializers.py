@@ -134,6 +134,7 @@ def test_sorting_potential_is_an_exact_dual(cost, h):
 # -- subsample: the c-transform of a smaller problem's potential ---------------------
 
 
+@pytest.mark.slow
 def test_subsample_potential_without_subsampling_is_the_entropic_potential():
     """With k = n = m nothing is dropped: f0 is the c-transform of the problem's own g,
     POT's potential up to the inner solve's tolerance (threshold 1e-3), online too."""
@@ -155,6 +156,7 @@ def test_subsample_potential_without_subsampling_is_the_entropic_potential():
 # -- both: same fixed point, same gradient, fewer iterations --------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["sorting", "subsample"])
 def test_same_plan_as_pot_and_same_gradient_as_zeros_under_jit_and_vmap(runs, init):
     grads, plans, _, converged = runs[init, init, 1e-10]

@@ -793,7 +793,7 @@ def _api_vmapped(B, n, m, eps=0.5):
     return X, Y, sol
 
 
-@pytest.mark.parametrize("B,n,m", [(3, 3, 3), (4, 7, 5)])
+@pytest.mark.parametrize("B,n,m", [(3, 3, 3), pytest.param(4, 7, 5, marks=pytest.mark.slow)])
 def test_api_vmapped_solution_properties_match_each_problem(B, n, m):
     """B = n = m = 3 used to broadcast silently into a wrong plan; every computed
     property of a batch must equal the per-problem reference (POT, float64)."""

@@ -93,6 +93,7 @@ def test_large_problems_use_the_map_not_the_plan(clouds, sol, monkeypatch):
     assert "barycentric" in ax.get_title()
 
 
+@pytest.mark.slow
 def test_large_problems_without_a_map_use_the_barycentric_projection(clouds, monkeypatch):
     x, y = clouds
     sol = monge.solve(x, y, cost="cosine")

@@ -172,7 +172,8 @@ def test_online_kernel_mode_falls_back_in_float32():
 
 @pytest.mark.parametrize(
     "acceleration, online",
-    [("relaxation", False), ("relaxation", True), ("anderson", False), pytest.param("anderson", True, marks=pytest.mark.slow)],
+    [pytest.param("relaxation", False, marks=pytest.mark.slow), ("relaxation", True), ("anderson", False),
+     pytest.param("anderson", True, marks=pytest.mark.slow)],
 )
 def test_acceleration_same_plan_fewer_iterations(acceleration, online):
     rng = np.random.default_rng(1)
@@ -239,6 +240,7 @@ def test_relaxation_factor_closed_form():
     np.testing.assert_allclose(float(_next_omega(jnp.float32(1.0), slow, 1, inner, at_target=True)), 2 / 1.1, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmapped_problems_are_solved_one_by_one(clouds):
     """On CPU a vmapped batch runs as a loop over problems (each stops at its own
     iteration count, kernel arithmetic kept): values and gradients match POT and the
@@ -266,7 +268,7 @@ def test_vmapped_problems_are_solved_one_by_one(clouds):
     [monge.ImplicitAdjoint(), pytest.param(monge.UnrolledAdjoint(), marks=pytest.mark.slow)],
     ids=["implicit", "unrolled"],
 )
-@pytest.mark.parametrize("acceleration", ["relaxation", "anderson"])
+@pytest.mark.parametrize("acceleration", ["relaxation", pytest.param("anderson", marks=pytest.mark.slow)])
 def test_accelerated_gradients_match_finite_differences(clouds, acceleration, adjoint):
     x, y, a, b = clouds
     eps = 0.05 * sqdist(x, y).mean()

@@ -55,6 +55,7 @@ def grads(request, clouds):
     return implicit, unrolled, fd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", range(5), ids=["x", "y", "a", "b", "epsilon"])
 def test_implicit_gradient_matches_finite_differences(grads, k):
     fd, implicit, _ = grads[2][k]

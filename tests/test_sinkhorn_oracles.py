@@ -247,6 +247,7 @@ def test_annealing_schedule_ends_exactly_at_the_target(clouds, ratio, levels):
         assert levels * 200 < int(annealed.n_iters) <= (levels + 1) * 200
 
 
+@pytest.mark.slow
 def test_annealing_keeps_implicit_gradients(clouds):
     x, y, a, b = clouds
     eps = 0.01 * sqdist(x, y).mean()

@@ -54,6 +54,7 @@ def test_at_most_k_nonzeros_per_column(data, k, formulation):
     assert np.count_nonzero(plan, axis=0).min() >= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("formulation, gamma", [("semi_dual", 1.0), ("dual", 0.1)])
 def test_k_equal_one_recovers_the_optimal_assignment(square, formulation, gamma):
     C, perm = square
@@ -109,6 +110,7 @@ def test_binding_k_matches_pot_semi_dual_value(data):
     np.testing.assert_allclose(plan.sum(0), b, atol=1e-12)  # columns are exact
 
 
+@pytest.mark.slow
 def test_float32_binding_k_matches_pot_semi_dual_value():
     """80 x 60 points at gamma = 0.1, where the smooth plan has up to 6 non-zeros per
     column: k = 2 binds. float32 reaches POT's float64 semi-dual maximum."""
@@ -132,6 +134,7 @@ def test_float32_binding_k_matches_pot_semi_dual_value():
     np.testing.assert_allclose(plan.sum(0), b, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, output", [(1, "reg_cost"), pytest.param(4, "cost", marks=pytest.mark.slow)])
 def test_gradient_wrt_cost_matches_finite_differences(square, k, output):
     C, _ = square

@@ -96,6 +96,7 @@ def test_k1_bounds_fixed_projections_from_above(cube):
     assert np.linalg.norm(np.asarray(res.U)[2:, 0]) < 0.15
 
 
+@pytest.mark.slow
 def test_gradient_at_fixed_subspace_matches_finite_differences_of_pot(cube):
     # float32 and the shapes of test_new_numbers_do_not_recompile (one compilation).
     x, y = (np.asarray(v[:20], np.float32) for v in cube)

@@ -72,6 +72,7 @@ def test_random_directions_bounded_by_wasserstein_and_key_dependent(data):
     assert 0 < s0 <= _emd2(x, y, None, None, 2) and s0 != s1
 
 
+@pytest.mark.slow
 def test_max_sliced_bounds(data):
     x, y, a, b = (data[k] for k in ("x", "y", "a", "b"))
     key = jax.random.key(3)
