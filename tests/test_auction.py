@@ -153,6 +153,7 @@ def _cloud32(seed, threshold):
     return sol, np.asarray(sol.problem.geom.cost_matrix(), np.float64)
 
 
+@pytest.mark.slow
 def test_threshold_default_and_explicit():
     assert Exact(method="auction").threshold is None
     with jax.enable_x64(True):

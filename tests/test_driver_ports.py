@@ -134,7 +134,8 @@ _PORT_POT = {"dual": ot.smooth.smooth_ot_dual, "semi_dual": ot.smooth.smooth_ot_
 @pytest.mark.parametrize(
     "method, formulation, n, m",
     [pytest.param("newton", "semi_dual", 9, 14, marks=pytest.mark.slow), ("newton", "dual", 16, 11),
-     pytest.param("lbfgs", "semi_dual", 12, 7, marks=pytest.mark.slow), ("lbfgs", "dual", 8, 13)],
+     pytest.param("lbfgs", "semi_dual", 12, 7, marks=pytest.mark.slow),
+     pytest.param("lbfgs", "dual", 8, 13, marks=pytest.mark.slow)],
 )
 def test_smooth_warm_start_matches_pot(method, formulation, n, m):
     """Warm from its own solution (no iteration), from its potentials and from the
@@ -183,7 +184,7 @@ def test_smooth_semi_dual_warm_start_uses_f_only():
     assert int(one.n_iters) == int(other.n_iters) > 0
 
 
-@pytest.mark.parametrize("formulation", ["semi_dual", "dual"])
+@pytest.mark.parametrize("formulation", [pytest.param("semi_dual", marks=pytest.mark.slow), "dual"])
 def test_sparse_warm_start_matches_pot(formulation):
     """k = n (not binding): POT's smooth plan; warm from a perturbed problem's solution."""
     x, y = _port_clouds(9, 12, 11)

@@ -167,6 +167,7 @@ def test_same_plan_as_pot_and_same_gradient_as_zeros_under_jit_and_vmap(runs, in
     np.testing.assert_allclose(grads[0], runs[init, "zeros", 1e-10][0], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init, ratio", [("sorting", 0.1), ("subsample", 0.9)])
 def test_fewer_iterations_than_zeros(runs, init, ratio):
     # anneal=False, threshold 1e-3, inner_iterations=1 (over-relaxation on), measured:

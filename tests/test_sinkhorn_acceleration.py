@@ -172,7 +172,7 @@ def test_online_kernel_mode_falls_back_in_float32():
 
 @pytest.mark.parametrize(
     "acceleration, online",
-    [pytest.param("relaxation", False, marks=pytest.mark.slow), ("relaxation", True), ("anderson", False),
+    [pytest.param("relaxation", False, marks=pytest.mark.slow), ("relaxation", True), pytest.param("anderson", False, marks=pytest.mark.slow),
      pytest.param("anderson", True, marks=pytest.mark.slow)],
 )
 def test_acceleration_same_plan_fewer_iterations(acceleration, online):

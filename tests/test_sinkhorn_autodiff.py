@@ -62,6 +62,7 @@ def test_implicit_gradient_matches_finite_differences(grads, k):
     np.testing.assert_allclose(implicit, float(fd), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", range(5), ids=["x", "y", "a", "b", "epsilon"])
 def test_unrolled_gradient_matches_finite_differences(grads, k):
     fd, _, unrolled = grads[2][k]
@@ -77,6 +78,7 @@ def test_float32_gradients_are_finite_and_close_to_x64(clouds):
     np.testing.assert_allclose(np.asarray(g32), np.asarray(g64), atol=2e-3)
 
 
+@pytest.mark.slow
 def test_vmap_equals_loop(clouds):
     x, y, _, _ = clouds
     xs = np.stack([x, 0.5 * x + 1.0, 2.0 * x]).astype(np.float32)

@@ -44,6 +44,7 @@ def projector_gap(U, k_star):
     return np.linalg.norm(U @ U.T - E)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # a second seed: slow
 def test_fragmented_hypercube_value_and_subspace(cube, seed):
     x, y = cube
@@ -61,6 +62,7 @@ def test_fragmented_hypercube_value_and_subspace(cube, seed):
     assert float(res.value) > exact_on_e - 1e-3
 
 
+@pytest.mark.slow
 def test_k_equal_d_is_entropic_w2_of_pot():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(17, 3)), rng.normal(size=(23, 3)) + [1.0, 0.0, -0.5]
@@ -136,6 +138,7 @@ def test_jit_with_traced_numbers_does_not_retrace(cube):
     assert all(np.isfinite(float(v)) for v in out)
 
 
+@pytest.mark.slow
 def test_new_numbers_do_not_recompile(cube):
     x, y = (np.asarray(v[:20], np.float32) for v in cube)
     prw(x, y, k=2, epsilon=0.3, step_size=0.2, key=jax.random.key(0), n_steps=5)
