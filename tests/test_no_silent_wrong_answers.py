@@ -474,6 +474,119 @@ def test_scale_exact_default_epsilon_and_partial_share_one_rule():
     assert float(linear) <= 0.2 + 1e-6
 
 
+# -- potentials: one gauge, so their gradients are defined ----------------------------------
+def _scale_directional_fd(loss, C, D, h):
+    """Central difference of `loss` along `D` (zero on forbidden pairs), float64."""
+    plus, minus = (jnp.asarray(np.where(np.isfinite(C), C + s * h * D, C)) for s in (1, -1))
+    return (float(loss(plus)) - float(loss(minus))) / (2 * h)
+
+
+def test_scale_potentials_gauge_and_their_gradients_x64():
+    """Balanced potentials are unique up to (f + t, g - t). They were returned in
+    whatever gauge the iterations reached, so d f[0] / dC was silently wrong (1.21
+    against 1.53 by finite differences, this draw): now the gauge <f, a> = <g, b>,
+    and the gradient of a single potential matches finite differences."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        C = rng.uniform(size=(6, 7))
+        a, b = _scale_weights(3, 6, 7)
+
+        def sol_of(C):
+            return monge.solve_matrix(C, a=a, b=b, epsilon=0.1, threshold=1e-12, max_iterations=100_000)
+
+        sol = sol_of(jnp.asarray(C))
+        np.testing.assert_allclose(float(sol.f @ a), float(sol.g @ b), rtol=1e-10)
+        D = rng.normal(size=C.shape)
+        for loss in (lambda C: sol_of(C).f[0], lambda C: sol_of(C).g[2] - 2 * sol_of(C).f[5]):
+            grad = jax.grad(loss)(jnp.asarray(C))
+            np.testing.assert_allclose(float(jnp.sum(grad * D)), _scale_directional_fd(loss, C, D, 1e-6),
+                                       rtol=1e-5)
+
+
+def _scale_blocks(n, seed):
+    """Costs in two blocks (rows and columns [0, n//2) and the rest), every pair
+    between the blocks forbidden, and weights whose blocks balance (0.5 each)."""
+    rng = np.random.default_rng(seed)
+    k = n // 2
+    C = rng.uniform(size=(n, n))
+    C[:k, k:] = np.inf
+    C[k:, :k] = np.inf
+    w = lambda: rng.uniform(0.5, 1.5, n)  # noqa: E731
+    a, b = w(), w()
+    for z in (a, b):
+        z[:k] *= 0.5 / z[:k].sum()
+        z[k:] *= 0.5 / z[k:].sum()
+    return C, a, b, rng.normal(size=(n, n)) * np.isfinite(C)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_scale_forbidden_blocks_gradients(dtype):
+    """Forbidden pairs that split the problem into two independent blocks: the adjoint
+    system has one null vector per block (float32 conjugate gradients diverged along
+    the second one: an error for reg_cost). Gradients of everything invariant to a
+    shift per block (reg_cost, cost, the plan, differences of potentials within a
+    block, the dual objective) match float64 finite differences."""
+    C, a, b, D = _scale_blocks(6, 0)
+    W = np.random.default_rng(1).normal(size=C.shape)
+
+    def losses(dtype):
+        thr = 1e-12 if dtype == "float64" else 1e-6
+
+        def sol_of(C):
+            return monge.solve_matrix(C.astype(dtype), a=a.astype(dtype), b=b.astype(dtype), epsilon=0.1,
+                                      threshold=thr, max_iterations=100_000)
+
+        def potentials(C):
+            f, g = sol_of(C).f, sol_of(C).g
+            return 3 * (f[0] - f[1]) + g[4] - g[3] + 2 * (f @ a.astype(dtype) + g @ b.astype(dtype))
+
+        return {
+            "reg_cost": lambda C: sol_of(C).reg_cost,
+            "cost": lambda C: sol_of(C).cost,
+            "plan": lambda C: jnp.sum(jnp.where(jnp.isfinite(C), sol_of(C).plan * W.astype(dtype), 0.0)),
+            "potentials": potentials,
+        }
+
+    with jax.enable_x64(True):
+        reference = losses("float64")
+        for name, loss in losses(dtype).items():
+            grad = np.asarray(jax.grad(loss)(jnp.asarray(C, dtype)), np.float64)
+            assert np.all(np.isfinite(grad)), name
+            assert np.all(grad[~np.isfinite(C)] == 0.0), name
+            got = float(np.sum(np.where(np.isfinite(C), grad, 0.0) * D))
+            want = _scale_directional_fd(reference[name], C, D, 1e-6)
+            np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == "float64" else 1e-3, err_msg=name)
+
+
+@pytest.mark.slow
+def test_scale_forbidden_blocks_gradients_large_float32():
+    """The same at n = 1200, float32 (values and gradients), against float64 finite
+    differences of POT's log-domain Sinkhorn on the two blocks solved separately."""
+    n = 1200
+    C, a, b, D = _scale_blocks(n, 2)
+    k = n // 2
+    eps = 0.05
+
+    def cost_of(C):
+        return monge.solve_matrix(C.astype(jnp.float32), a=a.astype(np.float32), b=b.astype(np.float32),
+                                  epsilon=eps).cost
+
+    grad = np.asarray(jax.grad(cost_of)(jnp.asarray(C, jnp.float32)), np.float64)
+    assert np.all(np.isfinite(grad)) and np.all(grad[~np.isfinite(C)] == 0.0)
+
+    def reference(C):
+        total = 0.0
+        for s in (slice(0, k), slice(k, n)):
+            P = ot.sinkhorn(a[s], b[s], C[s, s], eps, method="sinkhorn_log", stopThr=1e-12, numItermax=20_000)
+            total += np.sum(P * C[s, s])
+        return total
+
+    np.testing.assert_allclose(float(cost_of(jnp.asarray(C, jnp.float32))), reference(C), rtol=1e-4)
+    h = 1e-4
+    fd = (reference(np.where(np.isfinite(C), C + h * D, C)) - reference(np.where(np.isfinite(C), C - h * D, C))) / (2 * h)
+    np.testing.assert_allclose(float(np.sum(np.where(np.isfinite(C), grad, 0.0) * D)), fd, rtol=2e-2)
+
+
 # -- item 5: forbidden pairs ---------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", [(9, 12), (23, 17)])
@@ -551,32 +664,69 @@ def test_scale_forbidden_pairs_exact(method):
         np.testing.assert_allclose(float(front.cost), ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["network_simplex", "sinkhorn_rounding"])
-def test_scale_forbidden_infeasible_exact_status(method):
+def _scale_two_blocks():
     """Two blocks of allowed pairs whose masses do not balance: every row and column
-    has an allowed pair, but no plan exists."""
+    has an allowed pair, but no plan exists. Rows {0, 1} (mass 0.8) reach only columns
+    {0, 1, 2} (mass 0.6): at most 0.6 + 0.2 = 0.8 of the mass 1 can move (Hall)."""
     C = np.full((4, 4), np.inf, np.float32)
     C[:2, :2] = 1.0
     C[2:, 2:] = 1.0
     C[0, 2] = 1.0
-    a, b = np.array([0.4, 0.4, 0.1, 0.1]), np.array([0.1, 0.1, 0.4, 0.4])
+    return C, np.array([0.4, 0.4, 0.1, 0.1]), np.array([0.1, 0.1, 0.4, 0.4])
+
+
+def test_scale_forbidden_infeasible_is_a_value_error():
+    C, a, b = _scale_two_blocks()
+    for kwargs in ({"epsilon": 0.1}, {"epsilon": 0}, {"epsilon": 0.1, "tau_a": 1.0}):
+        with pytest.raises(ValueError, match=r"Infeasible problem: .* At most 0\.8 of the mass 1 "):
+            monge.solve_matrix(C, a=a, b=b, **kwargs)
+    for epsilon in (0.1, 0):  # partial: 0.8 can move, 0.9 cannot
+        with pytest.raises(ValueError, match=r"At most 0\.8 of `mass` 0\.9 "):
+            monge.solve_matrix(C, a=a, b=b, epsilon=epsilon, mass=0.9)
+        assert bool(monge.solve_matrix(C, a=a, b=b, epsilon=epsilon, mass=0.75).converged)
+    # unbalanced: mass may be destroyed, so no coupling is needed
+    assert bool(monge.solve_matrix(C, a=a, b=b, epsilon=0.1, tau_a=0.9, tau_b=0.9).converged)
+    # feasible only through exact per-block balance: accepted and solved (closed form:
+    # every allowed pair costs 1)
+    C2 = np.full((4, 4), np.inf)
+    C2[:2, :2] = 1.0
+    C2[2:, 2:] = 1.0
+    for epsilon in (0.1, 0):
+        sol = monge.solve_matrix(C2, epsilon=epsilon)
+        assert bool(sol.converged)
+        np.testing.assert_allclose(float(sol.cost), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["network_simplex", "sinkhorn_rounding"])
+def test_scale_forbidden_infeasible_exact_status_under_jit(method):
+    """Under `jit` the door cannot read C: exact OT reports INFEASIBLE."""
+    C, a, b = _scale_two_blocks()
+
+    @jax.jit
+    def solve(C):
+        return Exact(method=method)(monge.LinearProblem(monge.CostMatrix(C), a, b))
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sol = Exact(method=method)(monge.LinearProblem(monge.CostMatrix(C), a, b))
+        sol = solve(C)
     assert int(sol.status) == Status.INFEASIBLE
     assert not bool(sol.converged)
     assert "infeasible" in sol.message
+    assert not np.isfinite(float(sol.cost))
 
 
-def test_scale_forbidden_infeasible_assignment_status():
-    """No permutation avoids the forbidden pairs (rows 0 and 1 may only go to column 0)."""
+def test_scale_forbidden_infeasible_assignment():
+    """No permutation avoids the forbidden pairs (rows 0 and 1 may only go to column 0):
+    a ValueError at the door, INFEASIBLE under jit."""
     C = np.ones((3, 3), np.float32)
     C[0, 1:] = np.inf
     C[1, 1:] = np.inf
+    with pytest.raises(ValueError, match=r"At most 0\.666667 of the mass 1 "):
+        monge.solve_matrix(C, epsilon=0)
     for method in ("assignment", "auction"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sol = Exact(method=method)(monge.LinearProblem(monge.CostMatrix(C)))
+            sol = jax.jit(lambda C: Exact(method=method)(monge.LinearProblem(monge.CostMatrix(C))))(C)
         assert int(sol.status) == Status.INFEASIBLE, method
 
 
@@ -1044,9 +1194,12 @@ def test_api_nan_points_eager_error_jit_nan_or_diverged(n):
     x[n // 2, 1] = np.nan
     with pytest.raises(ValueError, match=r"`x` has 1 non-finite value\(s\)"):
         monge.solve(x, y)
-    for kwargs in ({"epsilon": 0.3}, {"tau_a": 0.7, "epsilon": 0.3}, {"online": True, "epsilon": 0.3}):
+    cases = ({"epsilon": 0.3}, {"tau_a": 0.7, "epsilon": 0.3}, {"online": True, "epsilon": 0.3},
+             {"epsilon": 0.3, "mass": 0.5}, {"epsilon": 0}, {"epsilon": 0, "mass": 0.5})
+    for kwargs in cases:  # entropic, unbalanced, online, partial, exact, exact partial
         sol = jax.jit(lambda x, y: monge.solve(x, y, **kwargs))(x, y)
         assert int(sol.status) == monge.Status.DIVERGED and not bool(sol.converged), kwargs
+        assert not np.isfinite(float(sol.cost)), kwargs
     with pytest.raises(ValueError, match=r"monge\.wasserstein_1d\(u=\.\.\.\)` has 1 non-finite"):
         monge.wasserstein_1d(x[:, 1], y[:, 0])
     assert np.isnan(jax.jit(monge.wasserstein_1d)(x[:, 1], y[:, 0]))

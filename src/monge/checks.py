@@ -80,6 +80,59 @@ def check_allowed(C, a, b) -> None:
             )
 
 
+#: Units of mass in `check_feasible`'s integer flow network (its capacities are int32).
+_FLOW_UNITS = 2**28
+#: `check_feasible` raises when more than this fraction of the mass cannot avoid the
+#: forbidden pairs: well above the rounding of float32 weight totals (about 1e-7), well
+#: below any threshold a solver is run at.
+FEASIBILITY_RTOL = 1e-5
+
+
+def check_feasible(C, a, b, mass=None) -> None:
+    r"""Some coupling avoids the forbidden pairs ($C_{ij} = +\infty$): a plan $P \ge 0$
+    with $P\mathbf 1 \le a$, $P^\top \mathbf 1 \le b$ and total `mass` (default
+    $\sum a$, a balanced problem) that is 0 on every forbidden pair. Checked (concrete
+    arrays with at least one forbidden pair only) as a maximum flow from the rows to the
+    columns through the allowed pairs (Hall's condition; scipy's Dinic on integer
+    capacities, weights rounded up to units of $\text{mass} / 2^{28}$, in float64).
+    Infeasible means that more than `FEASIBILITY_RTOL` of the mass cannot move: smaller
+    deficits are rounding of the weights (float32 totals agree to about 1e-7), and a
+    solver run at a coarser threshold cannot tell them from a feasible problem."""
+    Cc, ac, bc, mc = concrete(C), concrete(a), concrete(b), concrete(mass)
+    if Cc is None or ac is None or bc is None or (mass is not None and mc is None):
+        return
+    if np.all(np.isfinite(Cc)):
+        return
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import maximum_flow
+
+    ac, bc = ac.astype(np.float64), bc.astype(np.float64)
+    rows, cols = np.flatnonzero(ac > 0), np.flatnonzero(bc > 0)
+    need = float(ac.sum() if mass is None else mc)
+    unit = need / _FLOW_UNITS
+    # no line carries more than the whole mass: capping there keeps capacities in int32
+    cap = lambda w: np.minimum(np.ceil(w / unit), _FLOW_UNITS + 1).astype(np.int64)  # noqa: E731
+    supply, demand = cap(ac[rows]), cap(bc[cols])
+    r, c = rows.size, cols.size
+    ii, jj = np.nonzero(np.isfinite(Cc[np.ix_(rows, cols)]))
+    source, sink = 0, r + c + 1
+    tail = np.concatenate([np.zeros(r, np.int64), 1 + ii, 1 + r + np.arange(c)])
+    head = np.concatenate([1 + np.arange(r), 1 + r + jj, np.full(c, sink)])
+    capacity = np.concatenate([supply, np.full(ii.size, _FLOW_UNITS * 2), demand])
+    graph = csr_array((capacity.astype(np.int32), (tail, head)), shape=(sink + 1, sink + 1))
+    flow = maximum_flow(graph, source, sink).flow_value
+    if flow < (1 - FEASIBILITY_RTOL) * _FLOW_UNITS:
+        moved = flow * unit
+        what = "the mass" if mass is None else "`mass`"
+        raise ValueError(
+            f"Infeasible problem: no coupling of `a` and `b` avoids the forbidden pairs "
+            f"(C = inf). At most {moved:.6g} of {what} {need:.6g} can be transported on "
+            "allowed pairs: some set of rows can only reach columns of smaller total "
+            "weight. Allow more pairs (finite costs), change the weights, or let mass be "
+            "created or destroyed (tau_a, tau_b < 1, or partial OT with a smaller `mass`)."
+        )
+
+
 def check_weights(name: str, w, length: int, points: str) -> None:
     """Weights: one per point, finite, non-negative, positive total."""
     if w.ndim != 1 or w.shape[0] != length:

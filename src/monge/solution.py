@@ -115,12 +115,33 @@ def safe_log(w: Array) -> Array:
     return jnp.where(positive, jnp.log(jnp.where(positive, w, 1.0)), -jnp.inf)
 
 
+def fix_gauge(f: Array, g: Array, a: Array, b: Array) -> tuple[Array, Array]:
+    r"""$(f + t, g - t)$ with $t$ such that $\langle f, a\rangle = \langle g, b\rangle$.
+
+    Balanced OT (entropic or exact) determines its potentials only up to $(f + t, g -
+    t)$: solvers return this gauge, a smooth function of what they computed, so that
+    `f` and `g` (and their gradients) do not depend on the iterations that produced
+    them. Points of zero weight do not enter the sums (their potential may be
+    $+\infty$: every pair forbidden)."""
+    fa = jnp.where(a > 0, f, 0.0) @ a
+    gb = jnp.where(b > 0, g, 0.0) @ b
+    t = (gb - fa) / (jnp.sum(a) + jnp.sum(b))
+    return f + t, g - t
+
+
 class Solution(eqx.Module):
     r"""The result of a linear OT solver.
 
     Attributes:
         problem: the problem that was solved.
-        f, g: dual potentials, shapes `(n,)` and `(m,)`.
+        f, g: dual potentials, shapes `(n,)` and `(m,)`. In a balanced problem they are
+            unique only up to $(f + t, g - t)$ and are returned in the gauge
+            $\langle f, a\rangle = \langle g, b\rangle$ (`fix_gauge`), so their
+            gradients are those of that gauge. Where forbidden pairs ($C_{ij} = \infty$)
+            split the problem into independent blocks, each block has its own constant:
+            only functions of `f`, `g` unchanged by a shift per block (differences
+            within a block, $\langle f, a\rangle + \langle g, b\rangle$) have a
+            gradient; that of any other is not defined (not checked).
         epsilon: the entropic regularisation used (the default resolved to a number).
         n_iters: number of Sinkhorn iterations (one f and one g update each).
         error: the final L1 marginal (optimality) error.
@@ -325,7 +346,7 @@ class PlanSolution(eqx.Module):
         if batch_depth(self):
             return over_batch(self, lambda s: s.cost)
         C = self.problem.geom.cost_matrix()
-        return jnp.sum(jnp.where(self.plan > 0, self.plan * C, 0.0))  # forbidden: 0 * inf
+        return jnp.sum(jnp.where(self.plan == 0, 0.0, self.plan * C))  # forbidden: 0 * inf; NaN stays
 
     def apply(self, v: Array, axis: int = 0) -> Array:
         r"""`axis=0`: $P^\top v$; `axis=1`: $P v$ (as `Solution.apply`)."""

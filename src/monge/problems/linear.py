@@ -56,8 +56,11 @@ class LinearProblem(eqx.Module):
     Forbidden pairs: a cost $C_{ij} = +\infty$ (in a `CostMatrix`) means "never
     transport from $i$ to $j$": the plan is exactly 0 there, and `cost` and gradients
     stay finite. Every row of positive weight needs an allowed column of positive
-    weight and vice versa (checked here when concrete); other infeasible patterns are
-    reported by the solver's status.
+    weight and vice versa, and a balanced problem needs a coupling that avoids every
+    forbidden pair (`checks.check_feasible`, a maximum flow): both are `ValueError`s
+    when the arrays are concrete. Under `jit` an infeasible problem is reported by the
+    solver's status (`INFEASIBLE` for exact OT; Sinkhorn cannot tell it from slow
+    convergence and stops at `max_iterations`).
 
     A balanced problem whose masses differ by at most `MASS_RTOL` (relative) is
     accepted, and `b` is rescaled to the total of `a` (stored so), so that a coupling
@@ -67,7 +70,8 @@ class LinearProblem(eqx.Module):
         ValueError: weights of the wrong length, negative, NaN or with zero total;
             unequal masses when balanced; epsilon $\le 0$; tau outside $(0, 1]$;
             non-finite points, NaN or $-\infty$ costs, a row or column of positive
-            weight whose pairs are all forbidden (value checks need concrete arrays;
+            weight whose pairs are all forbidden, a balanced problem that no coupling
+            avoiding the forbidden pairs solves (value checks need concrete arrays;
             under `jit` the solver checks them instead).
     """
 
@@ -86,6 +90,9 @@ class LinearProblem(eqx.Module):
         self.tau_b = as_float_array(tau_b)
         self._check()
         self.b = _rescaled(self.a, self.b, self.tau_a, self.tau_b)
+        balanced = checks.concrete(self.is_balanced)
+        if geom.materialized and balanced is not None and bool(balanced):
+            checks.check_feasible(geom.cost_matrix(), self.a, self.b)
 
     def _check(self):
         if self.epsilon is not None:

@@ -33,11 +33,14 @@ class PartialProblem(eqx.Module):
             `LinearProblem` ($0.05$ times the typical cost, gradient stopped). Traced.
 
     Forbidden pairs: $C_{ij} = +\infty$ (a `CostMatrix`) is never transported, by
-    both solvers (the plan is exactly 0 there).
+    both solvers (the plan is exactly 0 there). If no plan of total `mass` avoids them,
+    the problem is infeasible: a `ValueError` when the arrays are concrete
+    (`checks.check_feasible`), `Status.INFEASIBLE` under `jit`.
 
     Raises:
         ValueError: weights of the wrong length, negative, NaN or with zero total;
-            `mass` outside $(0, \min(\sum a, \sum b)]$; epsilon $< 0$; NaN or $-\infty$ costs.
+            `mass` outside $(0, \min(\sum a, \sum b)]$; epsilon $< 0$; NaN or $-\infty$ costs;
+            forbidden pairs that leave no plan of total `mass`.
     """
 
     geom: AbstractGeometry
@@ -52,6 +55,8 @@ class PartialProblem(eqx.Module):
         self.mass = as_float_array(mass)
         self.epsilon = None if epsilon is None else as_float_array(epsilon)
         self._check()
+        if geom.materialized:
+            checks.check_feasible(geom.cost_matrix(), self.a, self.b, self.mass)
 
     def _check(self):
         for name in ("mass", "epsilon"):

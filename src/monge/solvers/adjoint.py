@@ -17,7 +17,8 @@ A = \mathrm{diag}(r)^{-1/2} P\, \mathrm{diag}(c)^{-1/2},$$
 
 symmetric positive semi-definite with eigenvalues in $[0, 2/\min\tau]$; it is solved by
 conjugate gradients (lineax). In the balanced case $M$ has the null vector
-$(\sqrt r, -\sqrt c)$ (potentials are defined up to $(f + t, g - t)$), which is
+$(\sqrt r, -\sqrt c)$ (potentials are defined up to $(f + t, g - t)$), one per block
+where forbidden pairs split the problem into independent blocks (`blocks`); they are
 projected out. Memory is that of the forward pass: the plan is applied lazily.
 """
 
@@ -174,13 +175,26 @@ def _solve_adjoint_system(f, g, f_bar, g_bar, theta, adjoint):
         )
 
     rhs = (-eps * inv_sqrt_r * f_bar, -eps * inv_sqrt_c * g_bar)
-    # Balanced: remove the component along the null vector (sqrt r, -sqrt c).
+    # Balanced: remove the components along the null vectors, (sqrt r, -sqrt c) on each
+    # block of rows and columns that forbidden pairs leave connected (one block
+    # without them). A component left in the right-hand side makes the system
+    # inconsistent and conjugate gradients diverge along it.
+    n, m = f.shape[0], g.shape[0]
+    if geom.materialized:
+        row_block, col_block = blocks(jnp.isfinite(geom.cost_matrix()))
+    else:
+        row_block, col_block = jnp.zeros(n, jnp.int32), jnp.zeros(m, jnp.int32)
     null = (jnp.sqrt(r), -jnp.sqrt(c))
-    norm2 = jnp.sum(r) + jnp.sum(c)
-    along = (rhs[0] @ null[0] + rhs[1] @ null[1]) / norm2
+
+    def per_block(u, v):  # sums of u (rows) and v (columns) over each block
+        return (jax.ops.segment_sum(u, row_block, n + m)
+                + jax.ops.segment_sum(v, col_block, n + m))
+
+    norm2 = per_block(r, c)
+    along = per_block(rhs[0] * null[0], rhs[1] * null[1]) / jnp.where(norm2 > 0, norm2, 1.0)
     balanced = (tau_a == 1) & (tau_b == 1)
     along = jnp.where(balanced, along, 0.0)
-    rhs = (rhs[0] - along * null[0], rhs[1] - along * null[1])
+    rhs = (rhs[0] - along[row_block] * null[0], rhs[1] - along[col_block] * null[1])
 
     w, failed = _cg(matvec, rhs, adjoint)
     w = (
@@ -188,6 +202,28 @@ def _solve_adjoint_system(f, g, f_bar, g_bar, theta, adjoint):
         w[1],
     )
     return inv_sqrt_r * w[0], inv_sqrt_c * w[1]
+
+
+def blocks(allowed):
+    r"""The connected components of the bipartite graph of allowed pairs: `(rows,
+    columns)`, int32 labels in $[0, n + m)$, equal for rows and columns that a path of
+    allowed pairs joins. Min-label propagation, one sweep per step of the longest
+    shortest path (two sweeps when every pair is allowed; skipped then)."""
+    n, m = allowed.shape
+    start = (jnp.arange(n, dtype=jnp.int32), jnp.arange(n, n + m, dtype=jnp.int32))
+
+    def sweep(state):
+        rows, cols, _ = state
+        new_rows = jnp.minimum(rows, jnp.min(jnp.where(allowed, cols[None, :], n + m), axis=1))
+        new_cols = jnp.minimum(cols, jnp.min(jnp.where(allowed, new_rows[:, None], n + m), axis=0))
+        return new_rows, new_cols, jnp.any(new_rows != rows) | jnp.any(new_cols != cols)
+
+    def propagate():
+        rows, cols, _ = jax.lax.while_loop(lambda s: s[2], sweep, (*start, jnp.asarray(True)))
+        return rows, cols
+
+    one = lambda: (jnp.zeros(n, jnp.int32), jnp.zeros(m, jnp.int32))  # noqa: E731
+    return jax.lax.cond(jnp.all(allowed), one, propagate)
 
 
 #: An adjoint solve whose relative residual ||M w - b|| / ||b|| is above this failed.

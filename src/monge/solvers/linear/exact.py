@@ -74,7 +74,7 @@ from jaxtyping import Array
 from monge import checks
 from monge.geometry import CostMatrix, as_float_array
 from monge.problems import LinearProblem
-from monge.solution import PlanSolution, Status, safe_log
+from monge.solution import PlanSolution, Status, fix_gauge, safe_log
 from monge.solvers import driver
 from monge.solvers.linear.auction import auction
 
@@ -371,12 +371,11 @@ def solve_arrays(solver: Exact, C, a, b, init=None):
     """
     dtype = jnp.result_type(C, a, b)
     C, a, b = C.astype(dtype), a.astype(dtype), b.astype(dtype)
-    C = eqx.error_if(
-        C,
-        jnp.any(jnp.isnan(C) | (C == -jnp.inf)),
-        "The cost matrix has NaN or -inf values; costs must be finite, or +inf for a "
-        "forbidden pair.",
-    )
+    # NaN / -inf costs (NaN points under `jit`; concrete ones raised a ValueError at the
+    # front door): as in every solver, failure is data. A harmless problem is solved in
+    # their place (the host methods never see NaN) and the result is marked DIVERGED.
+    broken = jnp.any(jnp.isnan(C) | (C == -jnp.inf))
+    C = jnp.where(broken, jnp.zeros_like(C), C)
     if solver.method in _SQUARE:
         spread = lambda w: jnp.max(w) - jnp.min(w) > 1e-6 * jnp.max(jnp.abs(w))  # noqa: E731
         a = eqx.error_if(
@@ -389,6 +388,10 @@ def solve_arrays(solver: Exact, C, a, b, init=None):
     # the weights include the rescaling (right along every direction, not only sum-keeping)
     b = b * (jnp.sum(a) / jnp.sum(b))
     plan, f, g, reg_cost, (n_iters, error, status) = _core((C, a, b), solver, init)
+    nan = jnp.asarray(jnp.nan, dtype)
+    plan, f, g, reg_cost = (jnp.where(broken, nan, z) for z in (plan, f, g, reg_cost))
+    error = jnp.where(broken, jnp.inf, error)
+    status = jnp.where(broken, Status.DIVERGED, status).astype(jnp.int32)
     return plan, f, g, reg_cost, n_iters, error, status
 
 
@@ -467,12 +470,6 @@ def big_m(C):
     width = jnp.where(width > 0, width, 1.0)
     M = jax.lax.stop_gradient(hi + 2 * sum(C.shape) * width)
     return jnp.where(finite, C, M)
-
-
-def fix_gauge(f, g, a, b):
-    r"""$(f + t, g - t)$ with $t$ such that $\langle f, a\rangle = \langle g, b\rangle$."""
-    t = (g @ b - f @ a) / (jnp.sum(a) + jnp.sum(b))
-    return f + t, g - t
 
 
 def _feasible_duals(C, f, g, a, b):

@@ -28,7 +28,7 @@ from jaxtyping import Array
 
 from monge.geometry import ONE_PASS_FLOOR, AbstractGeometry, as_float_array, flushed_exp
 from monge.problems import LinearProblem, default_epsilon
-from monge.solution import Solution, Status, safe_log
+from monge.solution import Solution, Status, fix_gauge, safe_log
 from monge.solvers import driver
 from monge.solvers.linear import initializers
 from monge.solvers.batching import SEQUENTIAL_ABOVE, one_by_one
@@ -670,6 +670,10 @@ def _solve(solver: Sinkhorn, problem: LinearProblem, init, throw: bool) -> Solut
     a, b = checks.traced_checks(problem, eps)
     theta = (problem.geom, a, b, eps.astype(a.dtype), problem.tau_a, problem.tau_b)
     f, g, trace = solver.adjoint.fixed_point(solver, theta, init)
+    # balanced: potentials up to (f + t, g - t); return one gauge, differentiably
+    f_fixed, g_fixed = fix_gauge(f, g, a, b)
+    balanced = problem.is_balanced
+    f, g = jnp.where(balanced, f_fixed, f), jnp.where(balanced, g_fixed, g)
     floor = precision_floor(f, g, a, b, theta[3])  # the error float arithmetic can resolve
     trace = trace._replace(error=jnp.maximum(trace.error, floor))
     status = _status(f, g, a, b, theta[3], floor, trace, solver.threshold)
