@@ -127,6 +127,10 @@ def test_progress_prints_to_stderr(capfd):
     monge.solve(X, Y, epsilon=0.5, progress=True)
     err = capfd.readouterr().err
     assert "sinkhorn: iteration" in err and "marginal error" in err
+    # with tau < 1 the error is an optimality residual, and the line says so
+    monge.solve(X, Y, epsilon=0.5, tau_a=0.8, progress=True)
+    err = capfd.readouterr().err
+    assert "optimality residual (tau < 1)" in err and "marginal error" not in err
 
 
 def test_importing_monge_leaves_jax_config_alone():

@@ -144,8 +144,7 @@ class AbstractGeometry(eqx.Module):
         r"""The coupling $P_{ij} = a_i b_j e^{(f_i + g_j - C_{ij})/\varepsilon}$ of
         potentials `(f, g)`, materialised (memory $nm$), rows computed block by block.
         Zero weights and infinite costs give exact zeros."""
-        log_a = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), -jnp.inf)
-        log_b = jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1.0)), -jnp.inf)
+        log_a, log_b = safe_log(a), safe_log(b)
 
         def fn(c, f_i, log_a_i):
             return jnp.exp(log_a_i[:, None] + log_b[None, :] + (f_i[:, None] + g[None, :] - c) / eps)
@@ -178,7 +177,7 @@ class AbstractGeometry(eqx.Module):
         $e^{\text{ONE\_PASS\_FLOOR}}$ (returned as NaN): callers check and redo with
         `shift=None`.
         """
-        log_w = None if w is None else jnp.where(w > 0, jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
+        log_w = None if w is None else safe_log(w)
         if shift is None:
             def fn(c):
                 z = (along(h, axis) - c) / eps
@@ -281,6 +280,13 @@ class AbstractGeometry(eqx.Module):
 def _strided(n: int, k: int) -> np.ndarray:
     """`min(n, k)` evenly spaced indices in `range(n)`, first and last included."""
     return np.unique(np.round(np.linspace(0, n - 1, min(n, k))).astype(np.intp))
+
+
+def safe_log(w: Array) -> Array:
+    """`log(w)` with `-inf` (and a zero gradient) where `w == 0`: the log-weights of
+    every log-domain solver (a zero weight is a point that carries no mass)."""
+    positive = w > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, w, 1.0)), -jnp.inf)
 
 
 def flushed_exp(z: Array) -> Array:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from monge.geometry import flushed_exp
+from monge.geometry import flushed_exp, safe_log
 from monge.problems import LinearProblem
 
 __all__ = ["Solution", "PlanSolution", "Status"]
@@ -107,12 +107,6 @@ def reject_batch(sol, what: str) -> None:
             f".{what} inside the vmapped function or index one problem: "
             "jax.tree_util.tree_map(lambda z: z[i], sol)."
         )
-
-
-def safe_log(w: Array) -> Array:
-    """`log(w)` with `-inf` (and a zero gradient) where `w == 0`."""
-    positive = w > 0
-    return jnp.where(positive, jnp.log(jnp.where(positive, w, 1.0)), -jnp.inf)
 
 
 def fix_gauge(f: Array, g: Array, a: Array, b: Array) -> tuple[Array, Array]:

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from monge.geometry import as_float_array
-from monge.solution import safe_log
+from monge.geometry import as_float_array, safe_log
 
 __all__ = ["AbstractAdjoint", "ImplicitAdjoint", "UnrolledAdjoint", "optimality"]
 

@@ -30,6 +30,7 @@ copied.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 import sys
 from typing import Any, NamedTuple
@@ -65,12 +66,16 @@ class Block(NamedTuple):
         stalled: the solver cannot improve further (e.g. a step size at its floor);
             the loop stops, and the status is `MAX_ITERATIONS` unless the error is
             below the threshold.
+        label: which of the solver's `error_label`s names the error in progress lines
+            (traced: e.g. Sinkhorn's error is a marginal error when balanced, an
+            optimality residual when tau < 1).
     """
 
     error: Float[Array, ""]
     n_run: Int[Array, ""]
     final: Bool[Array, ""] | bool = True
     stalled: Bool[Array, ""] | bool = False
+    label: Int[Array, ""] | int = 0
 
 
 class Trace(NamedTuple):
@@ -101,7 +106,8 @@ class AbstractIterativeSolver(eqx.Module):
     - `step(data, state, k)`: one block of `inner_iterations` iterations, the `k`-th;
       returns `(state, Block)`.
 
-    `name` and `error_label` label progress lines.
+    `name` and `error_label` (a string, or a tuple of them that `Block.label` picks
+    from) label progress lines.
     """
 
     threshold: eqx.AbstractVar[Array]
@@ -114,7 +120,7 @@ class AbstractIterativeSolver(eqx.Module):
         return type(self).__name__
 
     @property
-    def error_label(self) -> str:
+    def error_label(self) -> str | tuple[str, ...]:
         return "error"
 
     @property
@@ -152,8 +158,10 @@ def fixed_point(solver: AbstractIterativeSolver, data, state, *, unrolled: bool 
         err = jnp.where(jnp.isnan(err), jnp.inf, err)
         n_iters = n_iters + out.n_run
         if solver.progress:
-            jax.debug.callback(_report, solver.name, solver.error_label, n_iters, err,
-                               solver.max_iterations)
+            labels = solver.error_label
+            labels = (labels,) if isinstance(labels, str) else tuple(labels)
+            report = functools.partial(_report, solver.name, labels, solver.max_iterations)
+            jax.debug.callback(report, n_iters, err, out.label)
         return (state, k + 1, errors.at[k].set(err), n_iters, err,
                 jnp.asarray(out.final), jnp.asarray(out.stalled))
 
@@ -227,8 +235,9 @@ def warm_start(init, shape) -> tuple | None:
     return f, g
 
 
-def _report(name, label, it, err, max_iterations):
-    line = f"{name.lower()}: iteration {int(it):>6d}/{max_iterations}, {label} {float(err):.3e}"
+def _report(name, labels, max_iterations, it, err, label):
+    line = (f"{name.lower()}: iteration {int(it):>6d}/{max_iterations}, "
+            f"{labels[int(label)]} {float(err):.3e}")
     if sys.stderr.isatty():  # redraw one line on a terminal, one line per check in a log
         print("\r" + line, end="", file=sys.stderr, flush=True)
     else:

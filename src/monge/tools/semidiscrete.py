@@ -33,6 +33,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 from monge import checks
 from monge.checks import concrete
 from monge.costs import AbstractCost, as_cost
+from monge.geometry import safe_log
 
 __all__ = ["SemidiscreteSolution", "semidiscrete"]
 
@@ -43,7 +44,7 @@ def _logits(ground_cost, x, y, g, b, epsilon):
     C = ground_cost.all_pairs(x, y)
     hard = jnp.where(b > 0, C - g, jnp.inf)
     eps = jnp.where(epsilon > 0, epsilon, 1.0)
-    log_b = jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1.0)), -jnp.inf)
+    log_b = safe_log(b)
     soft = log_b + (g - C) / eps
     return C, hard, soft, eps
 

@@ -72,9 +72,9 @@ import numpy as np
 from jaxtyping import Array
 
 from monge import checks
-from monge.geometry import CostMatrix, as_float_array
+from monge.geometry import CostMatrix, as_float_array, safe_log
 from monge.problems import LinearProblem
-from monge.solution import PlanSolution, Status, fix_gauge, safe_log
+from monge.solution import PlanSolution, Status, fix_gauge
 from monge.solvers import driver
 from monge.solvers.linear.auction import auction
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import lineax as lx
 
 from monge import checks
-from monge.geometry import as_float_array
+from monge.geometry import as_float_array, safe_log
 from monge.problems import PartialProblem
 from monge.solution import PlanSolution, Status
 from monge.solvers import driver
@@ -192,8 +192,7 @@ class PartialSinkhorn(driver.AbstractIterativeSolver):
     def step(self, theta, state, k):
         """`inner_iterations` sweeps (rows, columns, mass); error: the residual below."""
         C, a, b, mass, eps = theta
-        log_a = jnp.where(a > 0, jnp.log(jnp.where(a > 0, a, 1.0)), 0.0)
-        log_b = jnp.where(b > 0, jnp.log(jnp.where(b > 0, b, 1.0)), 0.0)
+        log_a, log_b = safe_log(a), safe_log(b)  # -inf at zero weights, masked below
         lse = jax.nn.logsumexp
 
         def sweep(carry, _):

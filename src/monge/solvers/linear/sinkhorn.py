@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from monge import checks
 from jaxtyping import Array
 
-from monge.geometry import ONE_PASS_FLOOR, AbstractGeometry, as_float_array, flushed_exp
+from monge.geometry import ONE_PASS_FLOOR, AbstractGeometry, as_float_array, flushed_exp, safe_log
 from monge.problems import LinearProblem, default_epsilon
-from monge.solution import Solution, Status, fix_gauge, safe_log
+from monge.solution import Solution, Status, fix_gauge
 from monge.solvers import driver
 from monge.solvers.linear import initializers
 from monge.solvers.batching import SEQUENTIAL_ABOVE, one_by_one
@@ -175,8 +175,8 @@ class Sinkhorn(driver.AbstractIterativeSolver):
             )
 
     @property
-    def error_label(self) -> str:
-        return "marginal error"
+    def error_label(self) -> tuple[str, str]:
+        return ("marginal error", "optimality residual (tau < 1)")
 
     def __call__(self, problem: LinearProblem, *, init=None, throw: bool = False) -> Solution:
         """Solve `problem`.
@@ -309,7 +309,8 @@ class Sinkhorn(driver.AbstractIterativeSolver):
         elif self.acceleration == "anderson":
             go_on = (err > self.threshold) & (k + 1 < self.n_blocks)
             new, history = _anderson(steps, potentials, new, history, go_on, at_target(k), err <= GROWTH * prev)
-        block = driver.Block(error=err, n_run=n_run, final=at_target(k))
+        block = driver.Block(error=err, n_run=n_run, final=at_target(k),
+                             label=jnp.where((tau_a == 1) & (tau_b == 1), 0, 1))
         return (new, omega, history, err, levels), block
 
 
