@@ -185,28 +185,28 @@ def check_masses(a, b, tau_a, tau_b) -> None:
             )
 
 
-def traced_checks(problem, eps) -> tuple:
-    """The value checks above, for traced inputs; returns `(a, b)` to thread the checks
-    into the computation (equinox's `error_if` needs its output used)."""
-    a, b = problem.a, problem.b
-    balanced = (problem.tau_a == 1) & (problem.tau_b == 1)
+def traced_weights(a, b, balanced, hint: str = "") -> tuple:
+    """`check_weights` and `check_masses` for traced weights, through `eqx.error_if`
+    (an `EquinoxRuntimeError` when the computation runs); returns `(a, b)` to thread
+    the checks into it (`error_if` needs its output used). `balanced`: whether the
+    masses must be equal (a traced bool); `hint` ends that message."""
     sa, sb = jnp.sum(a), jnp.sum(b)
-    a = eqx.error_if(
-        a,
-        jnp.any(~jnp.isfinite(a)) | jnp.any(a < 0) | ~(sa > 0),
-        "`a` must be finite, non-negative weights with a positive sum.",
-    )
-    b = eqx.error_if(
-        b,
-        jnp.any(~jnp.isfinite(b)) | jnp.any(b < 0) | ~(sb > 0),
-        "`b` must be finite, non-negative weights with a positive sum.",
-    )
+    bad = lambda w, s: jnp.any(~jnp.isfinite(w)) | jnp.any(w < 0) | ~(s > 0)  # noqa: E731
+    a = eqx.error_if(a, bad(a, sa), "`a` must be finite, non-negative weights with a positive sum.")
+    b = eqx.error_if(b, bad(b, sb), "`b` must be finite, non-negative weights with a positive sum.")
     a = eqx.error_if(
         a,
         balanced & (jnp.abs(sa - sb) > MASS_RTOL * jnp.maximum(sa, sb)),
-        "A balanced problem needs equal masses sum(a) == sum(b); normalise the weights or "
-        "use tau_a < 1, tau_b < 1.",
+        "A balanced problem needs equal masses sum(a) == sum(b); normalise the weights" + hint,
     )
+    return a, b
+
+
+def traced_checks(problem, eps) -> tuple:
+    """The value checks above, for traced inputs (weights, masses, epsilon, tau);
+    returns `(a, b)` to thread the checks into the computation."""
+    balanced = (problem.tau_a == 1) & (problem.tau_b == 1)
+    a, b = traced_weights(problem.a, problem.b, balanced, " or use tau_a < 1, tau_b < 1.")
     a = eqx.error_if(
         a, ~(jnp.isfinite(eps) & (eps > 0)), "`epsilon` must be positive and finite."
     )

@@ -343,16 +343,7 @@ def _solve(solver: Exact, problem: LinearProblem, init, throw: bool) -> PlanSolu
 
 
 def _traced_checks(problem: LinearProblem):
-    a, b = problem.a, problem.b
-    sa, sb = jnp.sum(a), jnp.sum(b)
-    bad = lambda w: jnp.any(~jnp.isfinite(w)) | jnp.any(w < 0) | ~(jnp.sum(w) > 0)  # noqa: E731
-    a = eqx.error_if(a, bad(a), "`a` must be finite, non-negative weights with a positive sum.")
-    b = eqx.error_if(b, bad(b), "`b` must be finite, non-negative weights with a positive sum.")
-    a = eqx.error_if(
-        a,
-        jnp.abs(sa - sb) > checks.MASS_RTOL * jnp.maximum(sa, sb),
-        "Exact OT needs equal masses sum(a) == sum(b); normalise the weights.",
-    )
+    a, b = checks.traced_weights(problem.a, problem.b, True, " (exact OT is balanced).")
     a = eqx.error_if(
         a,
         (problem.tau_a != 1) | (problem.tau_b != 1),

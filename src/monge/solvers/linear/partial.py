@@ -53,10 +53,8 @@ def _check_problem(solver_name: str, problem) -> None:
 
 
 def _traced_checks(problem: PartialProblem):
-    a, b, mass = problem.a, problem.b, problem.mass
-    bad = lambda w: jnp.any(~jnp.isfinite(w)) | jnp.any(w < 0) | ~(jnp.sum(w) > 0)  # noqa: E731
-    a = eqx.error_if(a, bad(a), "`a` must be finite, non-negative weights with a positive sum.")
-    b = eqx.error_if(b, bad(b), "`b` must be finite, non-negative weights with a positive sum.")
+    a, b = checks.traced_weights(problem.a, problem.b, False)
+    mass = problem.mass
     top = jnp.minimum(jnp.sum(a), jnp.sum(b))
     mass = eqx.error_if(
         mass,
