@@ -11,6 +11,7 @@ status message says why; results are still written), 2 for bad input (one line `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import sys
@@ -171,11 +172,9 @@ def _read_text(path: Path, delimiter: str | None, label: str) -> np.ndarray:
     if not numbered:
         raise CLIError(f"{label} file '{path}' contains no points: write one point per "
                        f"line, coordinates separated by {sep}")
-    try:
-        lines = [line for _, line in numbered]
-        return np.loadtxt(lines, delimiter=delimiter, ndmin=2, dtype=np.float64)
-    except ValueError:
-        pass
+    with contextlib.suppress(ValueError):  # malformed: the slow path below says where
+        return np.loadtxt([line for _, line in numbered], delimiter=delimiter, ndmin=2,
+                          dtype=np.float64)
     # Slow path, only to say where the file is malformed.
     width = len(_parse_row(numbered[0][1], delimiter) or ())
     for number, line in numbered:

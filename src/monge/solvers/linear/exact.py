@@ -202,9 +202,8 @@ class Exact(eqx.Module):
         # effect): the host methods solve the LP exactly, only Sinkhorn rounding has an
         # epsilon schedule, and the assignment has no iteration budget.
         owner = f"Exact(method={method!r})"
-        if method not in METHODS:  # `__check_init__` says which methods exist
-            pass
-        elif method in _HOST:
+        # an unknown method falls through to `__check_init__`, which lists the methods
+        if method in _HOST:
             checks.reject_unused(
                 owner, {"threshold": threshold},
                 "has no effect: the method is exact and has no stopping tolerance (its "
