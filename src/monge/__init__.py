@@ -7,7 +7,7 @@ Importing monge never changes JAX's configuration.
 
 from monge import costs, datasets, geometry, plot, problems, solution, solvers, tools
 from monge.front import solve, solve_matrix
-from monge.geometry import CostMatrix, PointCloud
+from monge.geometry import CostMatrix, LowRankCost, PointCloud
 from monge.problems import LinearProblem, PartialProblem
 from monge.solution import Solution, Status
 from monge.solvers import (
@@ -43,6 +43,7 @@ __all__ = [
     "solve_matrix",
     "CostMatrix",
     "PointCloud",
+    "LowRankCost",
     "LinearProblem",
     "Solution",
     "Status",
