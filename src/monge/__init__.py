@@ -9,10 +9,11 @@ from monge import costs, datasets, geometry, plot, problems, solution, solvers, 
 from monge.front import solve, solve_matrix
 from monge.geometry import CostMatrix, LowRankCost, PointCloud
 from monge.problems import LinearProblem, PartialProblem
-from monge.solution import Solution, Status
+from monge.solution import LowRankSolution, Solution, Status
 from monge.solvers import (
     Exact,
     ImplicitAdjoint,
+    LowRankSinkhorn,
     PartialExact,
     PartialSinkhorn,
     Sinkhorn,
@@ -46,7 +47,9 @@ __all__ = [
     "LowRankCost",
     "LinearProblem",
     "Solution",
+    "LowRankSolution",
     "Status",
+    "LowRankSinkhorn",
     "Sinkhorn",
     "ImplicitAdjoint",
     "UnrolledAdjoint",

@@ -14,12 +14,13 @@ import numpy as np
 
 from monge import checks
 from monge.costs import AbstractCost, Euclidean, PNorm, SqEuclidean, as_cost
-from monge.geometry import AbstractGeometry, CostMatrix, PointCloud
+from monge.geometry import AbstractGeometry, CostMatrix, LowRankCost, PointCloud
 from monge.problems import LinearProblem
-from monge.solution import PlanSolution, Solution
+from monge.solution import LowRankSolution, PlanSolution, Solution
 from monge.solvers import ImplicitAdjoint, Sinkhorn, UnrolledAdjoint
 from monge.solvers.linear.exact import Exact, check_balanced
 from monge.problems import PartialProblem
+from monge.solvers.linear.lowrank import LowRankSinkhorn
 from monge.solvers.linear.partial import PartialExact, PartialSinkhorn
 
 __all__ = ["solve", "solve_matrix"]
@@ -29,6 +30,27 @@ def _is_zero(epsilon) -> bool:
     """Whether `epsilon` is a concrete 0 (exact OT); a traced epsilon is entropic."""
     value = None if epsilon is None else checks.concrete(epsilon)
     return value is not None and value.ndim == 0 and float(value) == 0.0
+
+
+def _low_rank(geom, a, b, epsilon, tau_a, tau_b, mass, threshold, max_iterations,
+              implicit_diff, progress, throw, init, rank) -> LowRankSolution:
+    checks.reject_unused(
+        f"Low-rank OT (rank={rank!r})",
+        {"mass": mass, "implicit_diff": None if implicit_diff else False},
+        "has no effect: low-rank OT transports all the mass and differentiates by the "
+        "envelope theorem (LowRankSolution)",
+        "drop the option(s), or drop `rank` for partial OT or unrolled Sinkhorn.",
+    )
+    if _is_zero(epsilon):
+        raise ValueError(
+            f"`epsilon=0` with `rank={rank!r}`: low-rank OT has no entropy to switch off (the "
+            "rank constraint is its regulariser); drop epsilon, or drop rank for exact OT."
+        )
+    problem = LinearProblem(geom, a, b, epsilon=epsilon, tau_a=tau_a, tau_b=tau_b)
+    options = {k: v for k, v in (("threshold", threshold), ("max_iterations", max_iterations))
+               if v is not None}
+    solver = LowRankSinkhorn(rank=rank, progress=progress, **options)
+    return solver(problem, init=init, throw=throw)
 
 
 def _dispatch(geom: AbstractGeometry, a, b, epsilon, tau_a, tau_b, mass, threshold,
@@ -140,8 +162,9 @@ def solve(
     progress: bool = False,
     throw: bool = False,
     init=None,
-) -> Solution | PlanSolution:
-    r"""Optimal transport between two point clouds: entropic, exact or partial.
+    rank: int | None = None,
+) -> Solution | PlanSolution | LowRankSolution:
+    r"""Optimal transport between two point clouds: entropic, exact, partial or low-rank.
 
     Solves $\min_P \langle C, P\rangle + \varepsilon \mathrm{KL}(P\|ab^\top)$ (plus KL
     penalties on the marginals when `tau_a` or `tau_b` < 1) with $C_{ij} = c(x_i, y_j)$,
@@ -197,7 +220,17 @@ def solve(
             the threshold, usually in fewer iterations (`Sinkhorn.__call__`,
             `PartialSinkhorn`). Exact OT's default network simplex takes none (a
             `ValueError`; `monge.Exact(method="auction")` does), nor does exact partial
-            OT.
+            OT. Low-rank OT takes a previous `LowRankSolution` or factors `(q, r, g)`.
+        rank: if given, low-rank OT (`monge.LowRankSinkhorn`, Scetbon, Cuturi & Peyré,
+            2021): the coupling of rank at most `rank` that minimises $\langle C,
+            P\rangle$, held by its factors, in time and memory linear in n and m
+            (never an n×m array). The cost is factored first
+            (`monge.geometry.LowRankCost.from_points`: exactly, rank d + 2, for
+            ``"sqeuclidean"``; other costs by a sampled factorisation whose estimated
+            error must be below 1 %, else a `ValueError`). `threshold` is then the
+            relative decrease of the objective per block (default 1e-4), `epsilon`
+            only sets the marginal penalties when tau < 1, and `epsilon=0`, `mass`
+            and `implicit_diff=False` are errors. Returns a `LowRankSolution`.
 
     Returns:
         A `Solution` with `f`, `g`, `plan`, `apply`, `cost`, `reg_cost`, `converged`,
@@ -229,6 +262,13 @@ def solve(
         (True, True)
     """
     x, y, origin = centred(x, y, cost)
+    if rank is not None:
+        checks.reject_unused(f"Low-rank OT (rank={rank!r})", {"online": online},
+                             "has no effect: the cost is factored, never stored",
+                             "drop `online`.")
+        geom = LowRankCost.from_points(x, y, cost, origin=origin)
+        return _low_rank(geom, a, b, epsilon, tau_a, tau_b, mass, threshold, max_iterations,
+                         implicit_diff, progress, throw, init, rank)
     geom = PointCloud(x, y, cost, online=online, origin=origin)
     return _dispatch(geom, a, b, epsilon, tau_a, tau_b, mass, threshold, max_iterations,
                      implicit_diff, progress, throw, init)
@@ -249,10 +289,11 @@ def solve_matrix(
     progress: bool = False,
     throw: bool = False,
     init=None,
-) -> Solution | PlanSolution:
-    r"""Optimal transport (entropic, exact or partial) for a given `(n, m)` cost matrix.
+    rank: int | None = None,
+) -> Solution | PlanSolution | LowRankSolution:
+    r"""Optimal transport (entropic, exact, partial or low-rank) for a given `(n, m)` cost matrix.
 
-    Same problems, arguments (`init` included) and defaults as `solve` (epsilon
+    Same problems, arguments (`init` and `rank` included) and defaults as `solve` (epsilon
     defaults to 0.05 times the typical $|C|$, `monge.problems.default_epsilon`; `epsilon=0` is exact OT; `mass=m`
     partial OT). An entry `C[i, j] = inf` forbids the pair: the plan is exactly 0
     there, in every solver; a row or column of positive weight with no allowed pair is
@@ -271,5 +312,8 @@ def solve_matrix(
         >>> round(float(partial.plan.sum()), 6), float(partial.cost)
         (0.5, 0.0)
     """
+    if rank is not None:  # the stored matrix is applied by products: O(nmr) per step
+        return _low_rank(CostMatrix(C), a, b, epsilon, tau_a, tau_b, mass, threshold,
+                         max_iterations, implicit_diff, progress, throw, init, rank)
     return _dispatch(CostMatrix(C), a, b, epsilon, tau_a, tau_b, mass, threshold,
                      max_iterations, implicit_diff, progress, throw, init)

@@ -18,7 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 from monge.geometry import flushed_exp, safe_log
 from monge.problems import LinearProblem
 
-__all__ = ["Solution", "PlanSolution", "Status"]
+__all__ = ["Solution", "PlanSolution", "LowRankSolution", "Status"]
 
 
 class Status(enum.IntEnum):
@@ -82,10 +82,10 @@ def check_apply(v, axis: int, shape: tuple[int, int]) -> Array:
 
 def batch_depth(sol) -> int:
     """How many `jax.vmap` levels `sol` was returned through: the rank of its
-    potential `f` (shape `(n,)` for one problem) minus 1. `f` is always batched by
-    `vmap` (outputs of `out_axes=0` get the batch axis even when they do not depend on
-    the batched input), so this is not fooled when the batch size equals n or m."""
-    return max(jnp.ndim(sol.f) - 1, 0)
+    iteration count `n_iters` (a scalar for one problem). Every output of `vmap`
+    with `out_axes=0` gets the batch axis, even one that does not depend on the batched
+    input, so this is not fooled when the batch size equals n, m or the rank."""
+    return jnp.ndim(sol.n_iters)
 
 
 def over_batch(sol, fn):
@@ -100,7 +100,7 @@ def reject_batch(sol, what: str) -> None:
     """`ValueError` for an operation whose argument makes a batch ambiguous."""
     depth = batch_depth(sol)
     if depth:
-        shape = tuple(jnp.shape(sol.f)[:depth])
+        shape = tuple(jnp.shape(sol.n_iters)[:depth])
         size = shape[0] if depth == 1 else " x ".join(map(str, shape))
         raise ValueError(
             f"this Solution holds a batch of {size} problems (from jax.vmap); evaluate "
@@ -353,3 +353,148 @@ class PlanSolution(eqx.Module):
         if batch_depth(self):
             return over_batch(self, lambda s: s.marginals())
         return jnp.sum(self.plan, axis=1), jnp.sum(self.plan, axis=0)
+
+
+class LowRankSolution(eqx.Module):
+    r"""The result of low-rank OT: a coupling of rank at most $r$ held by its factors,
+
+    $$P = Q\,\mathrm{diag}(1/g)\,R^\top,\qquad Q \in \Pi(a, g),\ R \in \Pi(b, g),$$
+
+    never materialised unless asked (`plan`): `apply`, `cost` and `marginals` go
+    through the factors in $O((n + m) r)$ plus the geometry's `apply_cost`.
+
+    Attributes:
+        problem: the problem that was solved.
+        q, r: the factors, shapes `(n, rank)` and `(m, rank)`.
+        g: the weights of the rank components, shape `(rank,)`: $Q^\top\mathbf 1 =
+            R^\top\mathbf 1 = g$.
+        dual_a, dual_b: the derivatives of the objective with respect to the weights
+            `a` and `b` at the solution: balanced, the multipliers of $Q\mathbf 1 = a$
+            and $R\mathbf 1 = b$ (up to $(+t, -t)$, returned with $\langle \text{dual\_a},
+            a\rangle = \langle\text{dual\_b}, b\rangle$); unbalanced, $\rho_a(1 -
+            Q\mathbf 1/a)$ and $\rho_b(1 - R\mathbf 1/b)$.
+        epsilon: the entropic regularisation of the factors (0: none).
+        rho_a, rho_b: the strengths of the KL marginal penalties ($\infty$: balanced).
+        n_iters: mirror-descent iterations run.
+        error: the last block's relative decrease of the objective.
+        errors: that decrease after each block of `inner_iterations`; -1 where the
+            solver had stopped.
+        converged, status, message: as in `Solution`.
+
+    Gradients (envelope theorem; Scetbon, Cuturi & Peyré, 2021; Scetbon & Cuturi,
+    2022): `cost` and `reg_cost` carry the gradient of the objective the solver
+    minimised with the factors held at their optimum, $\partial/\partial C = P$
+    (through the geometry: points, factors of the cost) and $\partial/\partial a =$
+    `dual_a`, $\partial/\partial b =$ `dual_b`. The objective is not convex: this is
+    the gradient of the local optimum the solver found, exact at a stationary point
+    (converged), and `cost` carries that of `reg_cost` (they agree when $\varepsilon =
+    0$ and the problem is balanced). `q`, `r` and `g` carry no gradient.
+    """
+
+    problem: LinearProblem
+    q: Float[Array, "n rank"]
+    r: Float[Array, "m rank"]
+    g: Float[Array, " rank"]
+    dual_a: Float[Array, " n"]
+    dual_b: Float[Array, " m"]
+    epsilon: Float[Array, ""]
+    rho_a: Float[Array, ""]
+    rho_b: Float[Array, ""]
+    n_iters: Int[Array, ""]
+    error: Float[Array, ""]
+    errors: Float[Array, " blocks"]
+    converged: Bool[Array, ""]
+    status: Int[Array, ""]
+
+    @property
+    def message(self) -> str | list:
+        """The status as readable text (a nested list for a batch of solutions)."""
+        return status_message(self.status)
+
+    @property
+    def rank(self) -> int:
+        """The number of components $r$ (an upper bound on the rank of the plan)."""
+        return self.q.shape[-1]
+
+    @property
+    def plan(self) -> Float[Array, "n m"]:
+        """The dense coupling $Q\\,\\mathrm{diag}(1/g)\\,R^\\top$, materialised (memory
+        $nm$): prefer `apply`."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.plan)
+        return (self.q / self.g) @ self.r.T
+
+    def apply(self, v: Array, axis: int = 0) -> Array:
+        r"""The coupling applied to `v` through its factors, in $O((n + m) r)$.
+
+        `axis=0`: $P^\top v = R\,\mathrm{diag}(1/g)\,Q^\top v$, `v` of shape `(n,)` or
+        `(n, k)`; `axis=1`: $P v = Q\,\mathrm{diag}(1/g)\,R^\top v$, `v` of shape `(m,)`
+        or `(m, k)`.
+        """
+        reject_batch(self, "apply(v)")
+        v = check_apply(v, axis, self.problem.geom.shape)
+        inner, outer = (self.q, self.r) if axis == 0 else (self.r, self.q)
+        z = inner.T @ v
+        return outer @ (z / (self.g[:, None] if z.ndim == 2 else self.g))
+
+    def marginals(self) -> tuple[Array, Array]:
+        """$(P\\mathbf 1, P^\\top \\mathbf 1)$: the coupling's two marginals."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.marginals())
+        n, m = self.problem.geom.shape
+        dtype = self.q.dtype
+        return self.apply(jnp.ones((m,), dtype), axis=1), self.apply(jnp.ones((n,), dtype), axis=0)
+
+    def _weight_terms(self) -> Array:
+        """Zero, with the derivatives `dual_a`, `dual_b` in the weights (envelope)."""
+        a, b = self.problem.a, self.problem.b
+        return (self.dual_a @ (a - jax.lax.stop_gradient(a))
+                + self.dual_b @ (b - jax.lax.stop_gradient(b)))
+
+    @property
+    def cost(self) -> Float[Array, ""]:
+        r"""$\langle C, P\rangle = \sum_k (Q^\top C R)_{kk} / g_k$, through the
+        geometry's `apply_cost` (never an $n \times m$ array on a factored or
+        squared-Euclidean geometry). Its gradient is that of `reg_cost` (see the
+        class docstring)."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.cost)
+        return self._transport_cost() + self._weight_terms()
+
+    def _transport_cost(self) -> Array:
+        q, r, g = self.q, self.r, self.g
+        return jnp.sum(q * self.problem.geom.apply_cost(r / g, 1))
+
+    @property
+    def reg_cost(self) -> Float[Array, ""]:
+        r"""The objective the solver minimised:
+
+        $$\langle C, P\rangle + \varepsilon\,(\langle Q, \log Q - 1\rangle + \langle
+        R, \log R - 1\rangle + \langle g, \log g - 1\rangle) + \rho_a
+        \mathrm{KL}(Q\mathbf 1\|a) + \rho_b \mathrm{KL}(R\mathbf 1\|b),$$
+
+        the entropy term only when $\varepsilon > 0$, the KL terms only when
+        unbalanced."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.reg_cost)
+        p = self.problem
+        entropy = sum(jnp.sum(neg_entropy(z)) for z in (self.q, self.r, self.g))
+        value = (self._transport_cost()
+                 + jnp.where(self.epsilon > 0, self.epsilon * entropy, 0.0)
+                 + marginal_penalty(jnp.sum(self.q, axis=1), p.a, self.rho_a)
+                 + marginal_penalty(jnp.sum(self.r, axis=1), p.b, self.rho_b))
+        return value + self._weight_terms()
+
+
+def neg_entropy(z: Array) -> Array:
+    r"""$z(\log z - 1)$ entrywise, 0 at $z = 0$."""
+    positive = z > 0
+    return jnp.where(positive, z * (jnp.log(jnp.where(positive, z, 1.0)) - 1.0), 0.0)
+
+
+def marginal_penalty(p: Array, w: Array, rho: Array) -> Array:
+    r"""$\rho\,\mathrm{KL}(p\|w) = \rho\sum_i p_i\log(p_i/w_i) - p_i + w_i$; 0 when
+    $\rho = \infty$ (a hard constraint, met by the solver)."""
+    finite = jnp.isfinite(rho)
+    kl = jnp.sum(neg_entropy(p) - p * safe_log(w) + w, where=(w > 0) | (p > 0))
+    return jnp.where(finite, jnp.where(finite, rho, 0.0) * kl, 0.0)

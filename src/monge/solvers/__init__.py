@@ -8,13 +8,22 @@
 """
 
 from monge.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint
-from monge.solvers.linear import Exact, PartialExact, PartialSinkhorn, Sinkhorn, SmoothOT, SparseOT
+from monge.solvers.linear import (
+    Exact,
+    LowRankSinkhorn,
+    PartialExact,
+    PartialSinkhorn,
+    Sinkhorn,
+    SmoothOT,
+    SparseOT,
+)
 
 __all__ = [
     "AbstractAdjoint",
     "ImplicitAdjoint",
     "UnrolledAdjoint",
     "Sinkhorn",
+    "LowRankSinkhorn",
     "Exact",
     "PartialExact",
     "PartialSinkhorn",
