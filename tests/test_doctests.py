@@ -16,6 +16,8 @@ MODULES = [
     "monge.solvers.linear.partial",
     "monge.solvers.linear.smooth",
     "monge.solvers.linear.sparse",
+    "monge.solvers.linear.lowrank",
+    "monge.tools.divergence",
     "monge.tools.univariate",
     "monge.tools.sliced",
     "monge.tools.semidiscrete",

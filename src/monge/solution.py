@@ -477,12 +477,12 @@ class LowRankSolution(eqx.Module):
         unbalanced."""
         if batch_depth(self):
             return over_batch(self, lambda s: s.reg_cost)
-        p = self.problem
+        a, b = jax.lax.stop_gradient((self.problem.a, self.problem.b))  # see _weight_terms
         entropy = sum(jnp.sum(neg_entropy(z)) for z in (self.q, self.r, self.g))
         value = (self._transport_cost()
                  + jnp.where(self.epsilon > 0, self.epsilon * entropy, 0.0)
-                 + marginal_penalty(jnp.sum(self.q, axis=1), p.a, self.rho_a)
-                 + marginal_penalty(jnp.sum(self.r, axis=1), p.b, self.rho_b))
+                 + marginal_penalty(jnp.sum(self.q, axis=1), a, self.rho_a)
+                 + marginal_penalty(jnp.sum(self.r, axis=1), b, self.rho_b))
         return value + self._weight_terms()
 
 

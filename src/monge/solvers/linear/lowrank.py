@@ -234,12 +234,20 @@ class LowRankSinkhorn(driver.AbstractIterativeSolver):
         else:
             q, r, g = init
         q, r, g = (jax.lax.stop_gradient(z.astype(a.dtype)) for z in (q, r, g))
-        factors = Factors(safe_log(q), safe_log(r), safe_log(g), q, r, g)
         zeros = jnp.zeros((self.rank,), a.dtype)
         duals = (jnp.zeros_like(a), jnp.zeros_like(b), zeros, zeros, zeros)
+        # Project the start onto the constraints (hard rows when balanced, columns
+        # always): a warm start from a problem with other weights is not feasible, and
+        # its objective, not comparable with a feasible one, made every block rejected.
+        mass = jnp.sum(a)
+        floor = jnp.log(self.alpha.astype(a.dtype) * mass / self.rank)
+        hard = tuple(jnp.where(jnp.isfinite(rho), 0.0, 1.0) for rho in (rho_a, rho_b))
+        factors, duals, _ = project((safe_log(q), safe_log(r), safe_log(g)), a, b, floor, hard,
+                                    duals, self.dykstra_threshold * mass, self.dykstra_iterations)
         value, _ = self._objective(data, factors)
         one = jnp.ones((), a.dtype)
-        return (factors, duals, value, one, one, one)  # error 1: no block measured yet
+        full = jnp.asarray(MAX_STEP_SCALE, a.dtype)  # the step starts at full size
+        return (factors, duals, value, full, one, one)  # error 1: no block measured yet
 
     def _objective(self, data, z: Factors):
         """The objective (`LowRankSolution.reg_cost`) at `z`, and its gradients
@@ -256,7 +264,7 @@ class LowRankSinkhorn(driver.AbstractIterativeSolver):
         return value, grads
 
     def _mirror_step(self, data, z: Factors, duals, grads, scale):
-        """One mirror-descent step from `z` with gradients `grads`; returns the new
+        r"""One mirror-descent step from `z` with gradients `grads`; returns the new
         factors, duals, step $\gamma'$ and whether the projection converged."""
         geom, a, b, rho_a, rho_b = data
         G_q, G_r, h = grads
@@ -322,7 +330,7 @@ class Factors(NamedTuple):
 
 
 def _sup(G, w):
-    """$\max |G_{ik}|$ over the rows of positive weight."""
+    r"""$\max |G_{ik}|$ over the rows of positive weight."""
     return jnp.max(jnp.where(w[:, None] > 0, jnp.abs(G), 0.0))
 
 
@@ -438,7 +446,7 @@ def _sweeps(ops, xi_g, a, b, log_alpha, c, duals, tol, max_sweeps):
 
 
 def _row_change(phi, s, log_w, c):
-    """$\sum_i |e^{\phi_i + s_i} - e^{\phi'_i + s_i}|$ with $\phi' = c(\log w - s)$:
+    r"""$\sum_i |e^{\phi_i + s_i} - e^{\phi'_i + s_i}|$ with $\phi' = c(\log w - s)$:
     how much the next row update would move the row sums (0 rows of zero weight)."""
     new = c * (log_w - s)
     return jnp.sum(jnp.where(jnp.isfinite(log_w), jnp.abs(jnp.exp(phi + s) - jnp.exp(new + s)), 0.0))
