@@ -496,5 +496,12 @@ def marginal_penalty(p: Array, w: Array, rho: Array) -> Array:
     r"""$\rho\,\mathrm{KL}(p\|w) = \rho\sum_i p_i\log(p_i/w_i) - p_i + w_i$; 0 when
     $\rho = \infty$ (a hard constraint, met by the solver)."""
     finite = jnp.isfinite(rho)
-    kl = jnp.sum(neg_entropy(p) - p * safe_log(w) + w, where=(w > 0) | (p > 0))
+    # w ((1 + u) log(1 + u) - u) with u = p/w - 1: no cancellation near p = w, where
+    # the textbook sum lost every digit in float32 (-1.6e-3 for a true 1.2e-4)
+    positive = w > 0
+    u = jnp.where(positive, p / jnp.where(positive, w, 1.0) - 1.0, 0.0)
+    log1p = jnp.log1p(jnp.where(u > -1.0, u, 0.0))
+    terms = jnp.where(u > -1.0, w * ((1.0 + u) * log1p - u), w)  # u = -1 (p = 0): w
+    terms = jnp.where(positive, terms, jnp.where(p > 0, jnp.inf, 0.0))
+    kl = jnp.sum(terms)
     return jnp.where(finite, jnp.where(finite, rho, 0.0) * kl, 0.0)
