@@ -17,23 +17,30 @@ $$(Q, R, g) \leftarrow \mathrm{Proj}^{\mathrm{KL}}\Big(Q \odot e^{-\gamma_k G_Q}
 R \odot e^{-\gamma_k G_R},\ g \odot e^{\gamma_k h}\Big)$$
 
 (each raised to the power $1/(1 + \varepsilon\gamma_k)$ when $\varepsilon > 0$) onto
-the constraints, with the step $\gamma_k = \gamma / \max(\|G_Q\|_\infty, \|G_R\|_\infty,
+the constraints, with the step $\gamma_k = \gamma / \max(\|G_Q\|, \|G_R\|,
 \|h\|_\infty)^2$ of Scetbon & Cuturi (2022), "Low-rank optimal transport:
-approximation, statistics and debiasing". The projection is Dykstra's algorithm,
-here written as block coordinate ascent on its dual in the log domain (`project`):
-row scalings (a proximal step when unbalanced), the floor $g \ge \alpha$, then the
-column scalings that make $Q^\top\mathbf 1 = R^\top\mathbf 1 = g$ (their common value
-is the geometric mean of $g$ and the two column sums). Every array is `(n, r)`,
-`(m, r)` or `(r,)`; the cost enters only through `geometry.apply_cost`, which is
-$O((n + m) r k)$ for factored costs (`LowRankCost`, squared Euclidean point clouds).
+approximation, statistics and debiasing", where $\|G\|$ is the sup-norm up to a
+constant per row (`_sup`: such constants are removed or damped by the projection),
+times a scale in $[2^{-20}, 16]$ (`MAX_STEP_SCALE`). The projection is Dykstra's
+algorithm, written as block coordinate ascent on its dual with log-domain duals
+(`project`): row scalings (a proximal step when unbalanced), the floor $g \ge
+\alpha$, then the column scalings that make $Q^\top\mathbf 1 = R^\top\mathbf 1 = g$
+(their common value is the geometric mean of $g$ and the two column sums). Every
+array is `(n, r)`, `(m, r)` or `(r,)`; the cost enters only through
+`geometry.apply_cost`, which is $O((n + m) r k)$ for factored costs (`LowRankCost`,
+squared Euclidean point clouds).
 
 **Stopping.** After each block of `inner_iterations` steps the objective is
-recomputed. A block that increases it is rejected (the iterate is kept and the step
-halved, then doubled back after each accepted block), so the objective decreases
-monotonically; the block's error is the relative decrease of the objective,
-$(F_{\text{before}} - F_{\text{after}})/|F_{\text{after}}|$, and the solver stops when
-it is at most `threshold`. A block whose projections did not reach their tolerance
-cannot converge, nor can a rejected one.
+recomputed. A block that increases it (beyond what the projection's tolerance can
+move it) is rejected: the iterate is kept, the step halved, and doubled back after
+each accepted block, so the objective decreases monotonically. The block's error is
+the relative decrease of the objective, $(F_{\text{before}} -
+F_{\text{after}})/|F_{\text{after}}|$, and the solver stops when it is at most
+`threshold` on a block that may end the run: an accepted block at the full step whose
+projections met their tolerance and whose decrease is no larger than the previous
+block's. Decreases that grow mean the iterates are leaving a saddle point (the
+rank-2 and random starts begin near one: all components alike), where a small
+decrease is no sign of convergence.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from jaxtyping import Array
 from monge import checks
 from monge.geometry import as_float_array, safe_log
 from monge.problems import LinearProblem
-from monge.solution import LowRankSolution, Status, fix_gauge, marginal_penalty, neg_entropy
+from monge.solution import LowRankSolution, Status, fix_gauge, marginal_penalty
 from monge.solvers import driver
 from monge.solvers.linear import lowrank_init
 
