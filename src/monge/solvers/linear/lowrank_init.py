@@ -60,8 +60,10 @@ from monge.solvers.linear.sinkhorn import Sinkhorn
 
 __all__ = ["rank2", "random", "kmeans", "kmeans_init", "SINKHORN_THRESHOLD"]
 
-#: L1 marginal threshold of the Sinkhorn solves of `kmeans_init`, relative to the mass.
-SINKHORN_THRESHOLD = 1e-4
+#: L1 marginal threshold of the Sinkhorn solves of `kmeans_init`, relative to the mass:
+#: a start, which the solver projects onto the constraints anyway; 1e-4 took 10x
+#: longer (3.2 s against 0.31 s at n = 200 000, a target cloud off the centroids).
+SINKHORN_THRESHOLD = 1e-3
 
 #: Default key of the random starts that take `key=None`.
 DEFAULT_SEED = 0
