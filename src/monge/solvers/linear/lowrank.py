@@ -403,7 +403,7 @@ def project(xi, a, b, log_alpha, c, duals, tol, max_sweeps):
 
     def kernel_ops(K, ref, psi0):
         rows = lambda psi: jnp.log(dot(K, jnp.exp(psi - psi0))) - ref  # noqa: E731
-        cols = lambda phi: jnp.log(dot(jnp.exp(phi - ref), K)) - psi0  # noqa: E731
+        cols = lambda phi: jnp.log(column_sums(jnp.exp(phi - ref), K)) - psi0  # noqa: E731
         return rows, cols
 
     def log_ops(xi_f):
@@ -456,8 +456,8 @@ def _scaling_sweeps(kernels, refs, psi0, xi_g, a, b, log_alpha, duals, tol, max_
         (_, _, psi_q, psi_r, eta), (Kv_q, Kv_r), _, it = carry
         u_q, u_r = divide(a, Kv_q), divide(b, Kv_r)
         eta = floor(psi_q, psi_r)
-        S_q = jnp.log(dot(u_q, K_q)) - psi0_q
-        S_r = jnp.log(dot(u_r, K_r)) - psi0_r
+        S_q = jnp.log(column_sums(u_q, K_q)) - psi0_q
+        S_r = jnp.log(column_sums(u_r, K_r)) - psi0_r
         log_h = (xi_g + eta + S_q + S_r) / 3.0
         psi_q, psi_r = log_h - S_q, log_h - S_r
         Kv_q, Kv_r = dot(K_q, jnp.exp(psi_q - psi0_q)), dot(K_r, jnp.exp(psi_r - psi0_r))
@@ -475,6 +475,13 @@ def _scaling_sweeps(kernels, refs, psi0, xi_g, a, b, log_alpha, duals, tol, max_
     start = ((a, b, psi_q, psi_r, eta), Kv, jnp.asarray(jnp.inf, a.dtype), jnp.asarray(0))
     (u_q, u_r, psi_q, psi_r, eta), _, change, _ = jax.lax.while_loop(going, sweep, start)
     return (ref_q + safe_log(u_q), ref_r + safe_log(u_r), psi_q, psi_r, eta), change
+
+
+def column_sums(u, K):
+    r"""$K^\top u$ as a reduction over the $n$ rows (XLA sums pairwise): as a float32
+    vector-matrix product its relative error was 3.7e-5 at $n = 10^6$ (2e-7 this way),
+    close to the projections' tolerance, and the sweeps never met it."""
+    return jnp.sum(u[:, None] * K, axis=0)
 
 
 def _sweeps(ops, xi_g, a, b, log_alpha, c, duals, tol, max_sweeps):
