@@ -285,6 +285,18 @@ def check_cloud(name: str, z, fn: str | None = None) -> None:
         )
 
 
+def check_clouds(x, y) -> None:
+    """Two point clouds `(n, d)` and `(m, d)`: shapes, and finite values when concrete."""
+    for name, z in (("x", x), ("y", y)):
+        check_cloud(name, z)
+        check_points(name, z)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"`x` and `y` must have the same dimension d; received x of shape "
+            f"{tuple(x.shape)} and y of shape {tuple(y.shape)}."
+        )
+
+
 def check_nonempty_matrix(name: str, C) -> None:
     """A cost matrix: 2-D `(n, m)` with n, m >= 1."""
     shape = tuple(np.shape(C))

@@ -327,17 +327,6 @@ def _check_matrix(C) -> None:
     checks.check_nonempty_matrix("C", C)
 
 
-def _check_clouds(x, y) -> None:
-    """Two point clouds `(n, d)` and `(m, d)`: shapes, and finite values when concrete."""
-    for name, z in (("x", x), ("y", y)):
-        checks.check_cloud(name, z)
-        checks.check_points(name, z)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"`x` and `y` must have the same dimension d; received x of shape "
-            f"{tuple(x.shape)} and y of shape {tuple(y.shape)}."
-        )
-
 
 def _check_chunk_size(chunk_size) -> None:
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
@@ -449,7 +438,7 @@ class PointCloud(AbstractGeometry):
     origin: Array | None = None
 
     def __check_init__(self):
-        _check_clouds(self.x, self.y)
+        checks.check_clouds(self.x, self.y)
         _check_chunk_size(self.chunk_size)
         n, m = self.shape
         if self.chunk_size is not None and (
@@ -660,7 +649,7 @@ class LowRankCost(AbstractGeometry):
                 "built from, or neither."
             )
         if self.x is not None:
-            _check_clouds(self.x, self.y)
+            checks.check_clouds(self.x, self.y)
             for name, z, factor in (("x", self.x, "A"), ("y", self.y, "B")):
                 rows = getattr(self, factor).shape[0]
                 if z.shape[0] != rows:
@@ -746,7 +735,7 @@ class LowRankCost(AbstractGeometry):
             ((40, 40), True)
         """
         x, y = checks.as_real_array("x", x), checks.as_real_array("y", y)
-        _check_clouds(x, y)
+        checks.check_clouds(x, y)
         cost = as_cost(cost)
         if isinstance(cost, SqEuclidean):
             checks.reject_unused(

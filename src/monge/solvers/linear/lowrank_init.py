@@ -481,14 +481,7 @@ def kmeans_init(x: Float[Array, "n d"], y: Float[Array, "m d"], a: Float[Array, 
         `r` out of range.
     """
     x, y = checks.as_real_array("x", x), checks.as_real_array("y", y)
-    for name, z in (("x", x), ("y", y)):
-        checks.check_cloud(name, z)
-        checks.check_points(name, z)
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"`x` and `y` must have the same dimension d; received x of shape "
-            f"{tuple(x.shape)} and y of shape {tuple(y.shape)}."
-        )
+    checks.check_clouds(x, y)
     a, b = _marginals(a, b, x.shape[0], y.shape[0])
     x, y = x.astype(a.dtype), y.astype(a.dtype)
     _check_rank(r, x.shape[0], y.shape[0])
