@@ -17,6 +17,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from monge.geometry import flushed_exp, safe_log
 from monge.problems import LinearProblem
+from monge.problems.quadratic import QuadraticProblem
 
 __all__ = ["Solution", "PlanSolution", "LowRankSolution", "Status"]
 
@@ -505,3 +506,129 @@ def marginal_penalty(p: Array, w: Array, rho: Array) -> Array:
     terms = jnp.where(positive, terms, jnp.where(p > 0, jnp.inf, 0.0))
     kl = jnp.sum(terms)
     return jnp.where(finite, jnp.where(finite, rho, 0.0) * kl, 0.0)
+
+
+def _xlog_ratio(z: Array, w: Array) -> Array:
+    r"""$\sum z \log(z / w)$, 0 where $z = 0$."""
+    positive = z > 0
+    return jnp.sum(jnp.where(positive, z * (jnp.log(jnp.where(positive, z, 1.0))
+                                            - jnp.log(jnp.where(positive, w, 1.0))), 0.0))
+
+
+def quadratic_kl(z: Array, w: Array) -> Array:
+    r"""$\mathrm{KL}^\otimes(z\otimes z\,\|\,w\otimes w) = 2m(z)\sum z\log(z/w) - m(z)^2
+    + m(w)^2$ (Séjourné et al. 2021), for arrays of any shape."""
+    mz, mw = jnp.sum(z), jnp.sum(w)
+    return 2 * mz * _xlog_ratio(z, w) - mz**2 + mw**2
+
+
+class GromovSolution(eqx.Module):
+    r"""The result of entropic Gromov-Wasserstein (`GromovWasserstein`).
+
+    Attributes:
+        problem: the `QuadraticProblem` solved.
+        P: the coupling, shape `(n, m)` (dense: entropic GW builds it at every
+            iteration); also `plan`.
+        f, g: the potentials of the last inner Sinkhorn solve (on the linearised cost
+            `problem.gradient(P)`): balanced, the multipliers of $P\mathbf 1 = a$,
+            $P^\top\mathbf 1 = b$ at a stationary point.
+        epsilon: the entropic regularisation used.
+        rho_a, rho_b: the marginal penalties ($\infty$: balanced).
+        n_iters: outer (mirror-descent) iterations after the first; each is one
+            warm-started Sinkhorn solve.
+        error: the last relative change of the coupling; `errors` per iteration
+            (-1 where the solver had stopped).
+        converged, status, message: as in `Solution`.
+
+    Gradients (envelope theorem): at a stationary point of the regularised objective
+    (`reg_cost`), its derivative in anything the problem depends on (points or cost
+    matrices through the geometries, $\alpha$, weights) is the partial derivative at
+    the fixed coupling, plus, balanced, $\partial/\partial a = f$, $\partial/\partial
+    b = g$ (the multipliers). `reg_cost` carries that gradient, and so do `cost` and
+    `gw_cost` (their values are the unregularised terms; their exact derivatives would
+    also need the coupling's, which the envelope omits, as POT does). `P` and `plan`
+    carry none. The objective is not convex: these are derivatives of the local
+    optimum found, exact only when converged.
+    """
+
+    problem: QuadraticProblem
+    P: Float[Array, "n m"]
+    f: Float[Array, " n"]
+    g: Float[Array, " m"]
+    epsilon: Float[Array, ""]
+    rho_a: Float[Array, ""]
+    rho_b: Float[Array, ""]
+    n_iters: Int[Array, ""]
+    error: Float[Array, ""]
+    errors: Float[Array, " blocks"]
+    converged: Bool[Array, ""]
+    status: Int[Array, ""]
+
+    @property
+    def message(self) -> str | list:
+        """The status as readable text (a nested list for a batch of solutions)."""
+        return status_message(self.status)
+
+    @property
+    def plan(self) -> Float[Array, "n m"]:
+        """The coupling $P$, shape `(n, m)`."""
+        return self.P
+
+    def apply(self, v: Array, axis: int = 0) -> Array:
+        r"""$P^\top v$ (`axis=0`, `v` of shape `(n,)` or `(n, k)`) or $P v$ (`axis=1`)."""
+        reject_batch(self, "apply(v)")
+        v = check_apply(v, axis, self.P.shape)
+        return jnp.tensordot(self.P, v, axes=([axis], [0]))
+
+    def marginals(self) -> tuple[Array, Array]:
+        """$(P\\mathbf 1, P^\\top \\mathbf 1)$."""
+        return jnp.sum(self.P, -1), jnp.sum(self.P, -2)
+
+    @property
+    def reg_cost(self) -> Float[Array, ""]:
+        r"""The objective minimised: balanced, $\mathcal E(P) + \varepsilon\,
+        \mathrm{KL}(P\|ab^\top)$; unbalanced, $\mathcal E(P) + \frac{\rho_a}{2}
+        \mathrm{KL}^\otimes(P\mathbf 1\|a) + \frac{\rho_b}{2}\mathrm{KL}^\otimes(
+        P^\top\mathbf 1\|b) + \frac{\varepsilon}{2}\mathrm{KL}^\otimes(P\|ab^\top)$
+        (`GromovWasserstein` docstring), with $\mathcal E = (1 - \alpha)\langle M,
+        P\rangle + \alpha\,\mathrm{GW}(P)$. Envelope gradient (class docstring)."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.reg_cost)
+        problem, P, eps = self.problem, self.P, self.epsilon
+        a, b = problem.a, problem.b
+        ab = a[:, None] * b[None, :]
+        balanced = problem.is_balanced
+        kl = _xlog_ratio(P, ab) - jnp.sum(P) + jnp.sum(a) * jnp.sum(b)
+        multipliers = (self.f @ (a - jax.lax.stop_gradient(a))
+                       + self.g @ (b - jax.lax.stop_gradient(b)))
+        balanced_terms = eps * kl + multipliers
+
+        def half(rho, z, w):
+            finite = jnp.isfinite(rho)
+            return jnp.where(finite, jnp.where(finite, rho, 0.0) / 2 * quadratic_kl(z, w), 0.0)
+
+        unbalanced_terms = (half(self.rho_a, jnp.sum(P, 1), a) + half(self.rho_b, jnp.sum(P, 0), b)
+                            + eps / 2 * quadratic_kl(P, ab))
+        return problem.objective(P) + jnp.where(balanced, balanced_terms, unbalanced_terms)
+
+    def _with_envelope(self, value: Array) -> Array:
+        """`value`, carrying the gradient of `reg_cost`."""
+        reg = self.reg_cost
+        return jax.lax.stop_gradient(value) + reg - jax.lax.stop_gradient(reg)
+
+    @property
+    def cost(self) -> Float[Array, ""]:
+        r"""$\mathcal E(P) = (1 - \alpha)\langle M, P\rangle + \alpha\,\mathrm{GW}(P)$
+        (just $\mathrm{GW}(P)$ without a fused term), POT's
+        `entropic_(fused_)gromov_wasserstein2` value; gradient of `reg_cost`."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.cost)
+        return self._with_envelope(self.problem.objective(self.P))
+
+    @property
+    def gw_cost(self) -> Float[Array, ""]:
+        r"""$\mathrm{GW}(P) = \sum L(A_{ik}, B_{jl}) P_{ij}P_{kl}$ alone (without
+        $\alpha$ or the fused term); gradient of `reg_cost`."""
+        if batch_depth(self):
+            return over_batch(self, lambda s: s.gw_cost)
+        return self._with_envelope(self.problem.gw(self.P))

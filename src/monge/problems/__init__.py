@@ -3,8 +3,9 @@
 - `linear`: `LinearProblem` (entropic, possibly unbalanced OT on a geometry), the
   default epsilon and the marginal checks every problem shares.
 - `partial`: `PartialProblem` (transport a given mass).
+- `quadratic`: `QuadraticProblem` (fused, entropic, unbalanced Gromov-Wasserstein).
 
-Quadratic (Gromov-Wasserstein) and multi-marginal problems will join here.
+Multi-marginal problems will join here.
 """
 
 from monge.problems.linear import (
@@ -14,10 +15,12 @@ from monge.problems.linear import (
     default_epsilon,
 )
 from monge.problems.partial import PartialProblem
+from monge.problems.quadratic import QuadraticProblem
 
 __all__ = [
     "LinearProblem",
     "PartialProblem",
+    "QuadraticProblem",
     "DEFAULT_RELATIVE_EPSILON",
     "default_epsilon",
     "checked_marginals",
